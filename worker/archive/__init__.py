@@ -1,0 +1,1 @@
+"""The cold tier: PostgreSQL tables, the writer and the queries."""

@@ -1,0 +1,206 @@
+"""What the pipeline reads from and writes to the archive for one session.
+
+Every write is one transaction. Turns are idempotent by `(session_id, seq)`, and the session's
+`turn_count` only moves forward from the value the writer read, so two writers that raced past
+their leases cannot both archive the same turns: the second one's transaction changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from worker.archive.tables import gaps, quarantine, sessions, summaries, turns
+from worker.domain import SessionRef, SummaryText, Turn, digest
+from worker.policy import HeadSummary
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveState:
+    """What alignment needs to know about a session's archive."""
+
+    turn_count: int
+    head: HeadSummary | None
+    tail: dict[int, bytes]
+    previous_summary: str | None
+
+
+async def read_state(
+    conn: AsyncConnection, session_id: str, head_sha: bytes | None, hot_len: int
+) -> ArchiveState:
+    count = (
+        await conn.execute(select(sessions.c.turn_count).where(sessions.c.session_id == session_id))
+    ).scalar_one_or_none()
+    if count is None:
+        return ArchiveState(0, None, {}, None)
+    head = None
+    if head_sha is not None:
+        row = (
+            await conn.execute(
+                select(
+                    summaries.c.through_seq,
+                    func.cardinality(summaries.c.elements),
+                    summaries.c.text,
+                )
+                .where(summaries.c.session_id == session_id, summaries.c.head_sha == head_sha)
+                .order_by(summaries.c.id.desc())
+                .limit(1)
+            )
+        ).first()
+        if row is not None:
+            head = HeadSummary(through_seq=row[0], element_count=row[1], text=row[2])
+    tail_rows = await conn.execute(
+        select(turns.c.seq, turns.c.raw_sha).where(
+            turns.c.session_id == session_id, turns.c.seq >= count - hot_len
+        )
+    )
+    tail = {seq: sha for seq, sha in tail_rows}
+    previous = head.text if head else await latest_summary_text(conn, session_id)
+    return ArchiveState(count, head, tail, previous)
+
+
+async def latest_summary_text(conn: AsyncConnection, session_id: str) -> str | None:
+    return (
+        await conn.execute(
+            select(summaries.c.text)
+            .where(summaries.c.session_id == session_id, summaries.c.applied == 1)
+            .order_by(summaries.c.through_seq.desc(), summaries.c.id.desc())
+            .limit(1)
+        )
+    ).scalar_one_or_none()
+
+
+async def archive_turns(
+    conn: AsyncConnection,
+    ref: SessionRef,
+    *,
+    layout: str,
+    expected_count: int,
+    new_turns: Sequence[Turn],
+    gap_reason: str | None,
+    metadata: Mapping[str, str],
+) -> bool:
+    """Archive `new_turns` as seqs expected_count.. in the caller's transaction.
+
+    Returns False, writing nothing, when another writer moved the session on meanwhile.
+    """
+    n = len(new_turns)
+    values: dict[str, Any] = {
+        "session_id": ref.session_id,
+        "redis_key": ref.key,
+        "layout": layout,
+        "app_name": ref.app,
+        "user_id": ref.user or metadata.get("user_id"),
+        "agent_id": metadata.get("agent_id"),
+        "turn_count": expected_count + n,
+        "metadata": dict(metadata),
+    }
+    upsert = pg_insert(sessions).values(**values)
+    guarded = upsert.on_conflict_do_update(
+        index_elements=[sessions.c.session_id],
+        set_={
+            "turn_count": upsert.excluded.turn_count,
+            "last_seen": func.now(),
+            "redis_key": upsert.excluded.redis_key,
+            "user_id": func.coalesce(upsert.excluded.user_id, sessions.c.user_id),
+            "agent_id": func.coalesce(upsert.excluded.agent_id, sessions.c.agent_id),
+            "metadata": sessions.c.metadata.op("||")(upsert.excluded.metadata),
+        },
+        where=sessions.c.turn_count == expected_count,
+    ).returning(sessions.c.turn_count)
+    if (await conn.execute(guarded)).first() is None:
+        return False
+    if expected_count == 0 and n == 0:
+        return True
+    if n:
+        await conn.execute(
+            insert(turns),
+            [
+                {
+                    "session_id": ref.session_id,
+                    "seq": expected_count + i,
+                    "role": turn.role,
+                    "text": turn.text,
+                    "raw": turn.raw,
+                    "raw_sha": turn.sha,
+                    "created_at": turn.created_at,
+                }
+                for i, turn in enumerate(new_turns)
+            ],
+        )
+    if gap_reason is not None:
+        await conn.execute(
+            pg_insert(gaps)
+            .values(session_id=ref.session_id, before_seq=expected_count, reason=gap_reason)
+            .on_conflict_do_nothing()
+        )
+    return True
+
+
+async def record_summary(
+    conn: AsyncConnection,
+    session_id: str,
+    *,
+    from_seq: int,
+    through_seq: int,
+    summary: SummaryText,
+    elements: Sequence[bytes],
+) -> int:
+    """Store a summary before it is written to Redis, so its element is recognised after a crash."""
+    row = await conn.execute(
+        insert(summaries)
+        .values(
+            session_id=session_id,
+            from_seq=from_seq,
+            through_seq=through_seq,
+            text=summary.text,
+            elements=list(elements),
+            head_sha=digest(elements[0]),
+            summarizer=summary.summarizer,
+            model=summary.model,
+            model_version=summary.model_version,
+            tokens_in=summary.tokens_in,
+            tokens_out=summary.tokens_out,
+            latency_ms=summary.latency_ms,
+            cost_usd=summary.cost_usd,
+        )
+        .returning(summaries.c.id)
+    )
+    return int(row.scalar_one())
+
+
+async def mark_applied(conn: AsyncConnection, session_id: str, summary_id: int) -> None:
+    await conn.execute(update(summaries).where(summaries.c.id == summary_id).values(applied=1))
+    await conn.execute(
+        update(sessions)
+        .where(sessions.c.session_id == session_id)
+        .values(last_consolidated=func.now())
+    )
+
+
+async def quarantine_session(
+    conn: AsyncConnection, ref: SessionRef, reason: str, detail: str
+) -> None:
+    stmt = pg_insert(quarantine).values(
+        redis_key=ref.key, session_id=ref.session_id, reason=reason, detail=detail[:2000]
+    )
+    await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[quarantine.c.redis_key],
+            set_={
+                "reason": stmt.excluded.reason,
+                "detail": stmt.excluded.detail,
+                "attempts": quarantine.c.attempts + 1,
+                "last_seen": func.now(),
+            },
+        )
+    )
+
+
+async def release_quarantine(conn: AsyncConnection, key: str) -> None:
+    await conn.execute(delete(quarantine).where(quarantine.c.redis_key == key))

@@ -1,0 +1,132 @@
+"""Settings: environment variables prefixed CONSOLIDATOR_, optionally a TOML file.
+
+The TOML file is named by CONSOLIDATOR_CONFIG_FILE; environment variables win over it.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class LayoutName(StrEnum):
+    LIST = "list"
+    GEMINI = "gemini"
+    LANGCHAIN = "langchain"
+    ADK = "adk"
+    LLAMAINDEX = "llamaindex"
+
+
+class SummarizerName(StrEnum):
+    AUTO = "auto"
+    GEMINI = "gemini"
+    EXTRACTIVE = "extractive"
+
+
+class OnSummaryFailure(StrEnum):
+    KEEP = "keep"  # leave the hot state as it was (the archive still has everything)
+    MARKER = "marker"  # replace the folded turns by "N earlier turns archived"
+
+
+DEFAULT_KEY_PATTERNS: dict[LayoutName, str] = {
+    LayoutName.LIST: "conversation:{id}:history",
+    LayoutName.GEMINI: "chat:{id}",
+    LayoutName.LANGCHAIN: "message_store:{id}",
+    LayoutName.ADK: "adk:session:{app}:{user}:{id}",
+    LayoutName.LLAMAINDEX: "{id}",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CONSOLIDATOR_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+
+    layout: LayoutName = LayoutName.LIST
+    key_pattern: str | None = None  # None: the layout's default
+    newest_first: bool = False  # the list layout with LPUSH instead of RPUSH
+    metadata_pattern: str | None = None  # e.g. "session:{id}", seed 002's HASH beside the history
+
+    idle_after_s: float = Field(default=1800.0, ge=0)
+    expiry_margin_s: float = Field(default=600.0, ge=0)
+    keep_recent: int = Field(default=10, ge=0)
+    max_hot_tokens: int = Field(default=8000, ge=1)
+    scan_interval_s: float = Field(default=30.0, gt=0)
+    scan_count: int = Field(default=1000, ge=10)
+    concurrency: int = Field(default=16, ge=1)
+    lease_ttl_s: float = Field(default=60.0, gt=0)
+    drain_grace_s: float = Field(default=20.0, ge=0)
+    max_value_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+    summarizer: SummarizerName = SummarizerName.AUTO
+    summary_max_chars: int = Field(default=1200, ge=100)
+    on_summary_failure: OnSummaryFailure = OnSummaryFailure.KEEP
+    gemini_model: str = "gemini-3.5-flash"
+    gemini_api_key: SecretStr | None = Field(default=None, validation_alias="GEMINI_API_KEY")
+    gemini_timeout_s: float = Field(default=30.0, gt=0)
+    gemini_max_attempts: int = Field(default=4, ge=1)
+    gemini_backoff_max_s: float = Field(default=20.0, gt=0)
+    gemini_requests_per_minute: int = Field(default=600, ge=1)
+    gemini_tokens_per_minute: int = Field(default=2_000_000, ge=1)
+    gemini_breaker_failures: int = Field(default=5, ge=1)  # consecutive failures to open
+    gemini_breaker_reset_s: float = Field(default=30.0, gt=0)
+    gemini_max_output_tokens: int = Field(default=512, ge=16)
+    gemini_usd_per_million_in: float = Field(default=0.30, ge=0)
+    gemini_usd_per_million_out: float = Field(default=2.50, ge=0)
+    summary_fallback: bool = False  # extractive summary when the model fails
+    fold_max_tokens: int = Field(default=24_000, ge=100)  # most a single fold sends to the model
+
+    metrics_port: int | None = None
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_driver(cls, value: str) -> str:
+        # Operators paste plain libpq URLs; SQLAlchemy needs the driver named.
+        for plain in ("postgresql://", "postgres://"):
+            if value.startswith(plain):
+                return "postgresql+asyncpg://" + value[len(plain) :]
+        return value
+
+    @property
+    def pattern(self) -> str:
+        return self.key_pattern or DEFAULT_KEY_PATTERNS[self.layout]
+
+    @property
+    def model_api_key(self) -> str | None:
+        if self.gemini_api_key is not None:
+            return self.gemini_api_key.get_secret_value()
+        return os.environ.get("GOOGLE_API_KEY") or None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = os.environ.get("CONSOLIDATOR_CONFIG_FILE")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

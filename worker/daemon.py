@@ -1,0 +1,162 @@
+"""The loop: scan, pick sessions by trigger (most urgent first), consolidate with bounded
+concurrency, repeat. `run_once` is one pass (what tests and `run --once` drive)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from worker.domain import Candidate, Outcome, SessionRef, Trigger
+from worker.hot.keys import KeyPattern
+from worker.hot.scanner import Probe, probe, scan_keys
+from worker.pipeline import Options, Pipeline
+from worker.policy import classify
+
+log = structlog.get_logger(__name__)
+
+_PRIORITY = {Trigger.EXPIRING: 0, Trigger.OVERSIZE: 1, Trigger.IDLE: 2, Trigger.MANUAL: 3}
+_TRANSIENT = (RedisError, OSError, OperationalError, DBAPIError)
+
+
+@dataclass
+class VisitCache:
+    """Sessions seen unchanged since they were last handled, so idle ones are not re-read.
+
+    A session counts as unchanged while its length is the same and its expiry has not been
+    pushed back (agents refresh the TTL when they write). Bounded: memory does not grow with
+    the keyspace. Expiring sessions are always looked at again.
+    """
+
+    capacity: int = 200_000
+    _seen: OrderedDict[str, tuple[int | None, float]] = field(default_factory=OrderedDict)
+
+    def remember(self, p: Probe) -> None:
+        expires_at = time.time() + p.ttl_ms / 1000 if p.ttl_ms >= 0 else -1.0
+        self._seen[p.ref.key] = (p.length, expires_at)
+        self._seen.move_to_end(p.ref.key)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def unchanged(self, p: Probe) -> bool:
+        seen = self._seen.get(p.ref.key)
+        if seen is None or seen[0] != p.length:
+            return False
+        if p.ttl_ms < 0:
+            return seen[1] < 0
+        return seen[1] >= 0 and time.time() + p.ttl_ms / 1000 <= seen[1] + 2.0
+
+    def forget(self, key: str) -> None:
+        self._seen.pop(key, None)
+
+
+class Daemon:
+    def __init__(self, pipeline: Pipeline, pattern: KeyPattern) -> None:
+        self.pipeline = pipeline
+        self.settings = pipeline.settings
+        self.pattern = pattern
+        self.visits = VisitCache()
+        self.metrics = pipeline.metrics
+
+    async def find_work(self) -> list[tuple[Candidate, Probe]]:
+        """One full scan: the sessions that need consolidating, most urgent first."""
+        s = self.settings
+        found: list[tuple[Candidate, Probe]] = []
+        async for refs in scan_keys(self.pipeline.redis, self.pattern, s.scan_count):
+            self.metrics.sessions_scanned.inc(len(refs))
+            for p in await probe(self.pipeline.redis, refs, self.pipeline.layout.storage):
+                trigger = classify(
+                    ttl_ms=p.ttl_ms,
+                    idle_s=p.idle_s,
+                    size_bytes=p.size_bytes,
+                    idle_after_s=s.idle_after_s,
+                    expiry_margin_s=s.expiry_margin_s,
+                    max_hot_tokens=s.max_hot_tokens,
+                )
+                if trigger is None:
+                    continue
+                if trigger is not Trigger.EXPIRING and self.visits.unchanged(p):
+                    continue
+                found.append((Candidate(p.ref, trigger, p.ttl_ms, p.idle_s), p))
+        found.sort(key=lambda cp: (_PRIORITY[cp[0].trigger], _ttl_order(cp[0].ttl_ms)))
+        return found
+
+    async def run_once(self, stop: asyncio.Event | None = None) -> list[Outcome]:
+        work = await self.find_work()
+        log.info("scan_done", candidates=len(work))
+        return await self.process(((c.ref, p, c) for c, p in work), stop=stop, options=Options())
+
+    async def process(
+        self,
+        items: Iterable[tuple[SessionRef, Probe | None, Candidate | None]],
+        *,
+        stop: asyncio.Event | None = None,
+        options: Options,
+    ) -> list[Outcome]:
+        """Consolidate sessions with at most `concurrency` at once; stop taking new ones on stop."""
+        queue = iter(items)
+        outcomes: list[Outcome] = []
+
+        async def work() -> None:
+            for ref, p, cand in queue:
+                if stop is not None and stop.is_set():
+                    return
+                outcomes.append(await self._one(ref, p, cand, options))
+
+        async with asyncio.TaskGroup() as group:
+            for i in range(self.settings.concurrency):
+                group.create_task(work(), name=f"consolidate-{i}")
+        return outcomes
+
+    async def _one(
+        self, ref: SessionRef, p: Probe | None, cand: Candidate | None, options: Options
+    ) -> Outcome:
+        self.metrics.in_flight.inc()
+        try:
+            outcome = await self.pipeline.consolidate(ref, options)
+        except _TRANSIENT as exc:
+            # Redis or PostgreSQL went away mid-session: nothing was rewritten without a durable
+            # archive, so the session is simply tried again on a later pass.
+            log.warning("session_failed", session_id=ref.session_id, error=repr(exc)[:300])
+            outcome = Outcome(ref.session_id, "failed", reason=type(exc).__name__)
+            self.metrics.sessions.labels(status="failed").inc()
+        except Exception as exc:
+            # A bug must not take the other sessions down with it; it is logged with its trace.
+            log.exception("session_crashed", session_id=ref.session_id)
+            outcome = Outcome(ref.session_id, "failed", reason=repr(exc)[:300])
+            self.metrics.sessions.labels(status="failed").inc()
+        finally:
+            self.metrics.in_flight.dec()
+        if p is not None and outcome.status not in ("failed", "conflict", "skipped"):
+            self.visits.remember(p)
+        if cand is not None and cand.trigger is Trigger.EXPIRING and cand.ttl_ms >= 0:
+            self.metrics.expiry_left.observe(cand.ttl_ms / 1000)
+        return outcome
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """Passes until `stop` is set; a failing pass is logged and retried with backoff."""
+        backoff = 1.0
+        while not stop.is_set():
+            try:
+                await self.pipeline.redis.ping()
+                self.metrics.ready.set(1)
+                await self.run_once(stop)
+                backoff = 1.0
+                delay = self.settings.scan_interval_s
+            except _TRANSIENT as exc:
+                self.metrics.ready.set(0)
+                log.warning("pass_failed", error=repr(exc)[:300], retry_in_s=backoff)
+                delay, backoff = backoff, min(backoff * 2, 60.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+
+
+def _ttl_order(ttl_ms: int) -> int:
+    return ttl_ms if ttl_ms >= 0 else 2**62

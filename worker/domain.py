@@ -1,0 +1,105 @@
+"""The nouns of the product: plain frozen values, no I/O."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+def digest(raw: bytes) -> bytes:
+    """Identity of a stored element: what the archive and the hot tier are aligned by."""
+    return hashlib.sha256(raw).digest()
+
+
+class Kind(enum.StrEnum):
+    TURN = "turn"
+    SUMMARY = "summary"
+    GAP = "gap"
+
+
+class Trigger(enum.StrEnum):
+    IDLE = "idle"
+    EXPIRING = "expiring"
+    OVERSIZE = "oversize"
+    MANUAL = "manual"
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One element the agent wrote, decoded. `raw` is the exact stored bytes."""
+
+    role: str
+    text: str
+    raw: bytes
+    created_at: datetime | None = None
+    # Tool-call ids this turn issues, and the ids whose results it carries: the cut must never
+    # separate the two, and a call without a result is never folded.
+    tool_calls: frozenset[str] = field(default_factory=frozenset)
+    tool_results: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def sha(self) -> bytes:
+        return digest(self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """A hot-tier session: its id (the `{id}` part of the key) and where it lives."""
+
+    session_id: str
+    key: str
+    app: str | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A session the scanner found worth a look, and why."""
+
+    ref: SessionRef
+    trigger: Trigger
+    ttl_ms: int  # -1: no expiry
+    idle_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The hot state as read at one instant, in conversation order (oldest first)."""
+
+    ref: SessionRef
+    elements: tuple[bytes, ...]
+    ttl_ms: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryText:
+    """What a summarizer returns, with the provenance the archive keeps."""
+
+    text: str
+    summarizer: str
+    model: str | None = None
+    model_version: str | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    latency_ms: float = 0.0
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What consolidating one session did: the canonical log line is made of this."""
+
+    session_id: str
+    status: str  # consolidated | archived | unchanged | skipped | conflict | quarantined | failed
+    turns_archived: int = 0
+    turns_folded: int = 0
+    turns_kept: int = 0
+    gap: bool = False
+    bytes_before: int = 0
+    bytes_after: int = 0
+    summarizer: str | None = None
+    reason: str | None = None
+    duration_ms: float = 0.0

@@ -1,0 +1,1 @@
+"""The hot tier: Redis keys, scanning, leases and compare-and-swap rewrites."""

@@ -1,0 +1,63 @@
+"""One lease per session: any number of replicas, never two on one session at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from worker.hot.keys import lease_key
+from worker.hot.scripts import Scripts
+
+log = structlog.get_logger(__name__)
+
+
+class Lease:
+    def __init__(self, key: str, token: str) -> None:
+        self.key = key
+        self.token = token
+        self.lost = False
+
+
+@contextlib.asynccontextmanager
+async def claim(
+    redis: Redis, scripts: Scripts, session_key: str, ttl_ms: int
+) -> AsyncIterator[Lease | None]:
+    """Yield a held lease, or None when another worker holds it. Renewed while held.
+
+    The renewal keeps a long summary from outliving the lease; if a renewal finds the lease gone,
+    `lost` is set and the compare-and-swap (which checks the token) refuses to write.
+    """
+    lease = Lease(lease_key(session_key), secrets.token_hex(16))
+    if not await redis.set(lease.key, lease.token, nx=True, px=ttl_ms):
+        yield None
+        return
+    renewer = asyncio.create_task(_keep_alive(redis, scripts, lease, ttl_ms))
+    try:
+        yield lease
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+        try:
+            await asyncio.shield(scripts.release(lease.key, lease.token))
+        except (RedisError, OSError) as exc:
+            # It expires by its TTL anyway; nothing is lost by leaving it.
+            log.warning("lease_release_failed", lease=lease.key, error=str(exc))
+
+
+async def _keep_alive(redis: Redis, scripts: Scripts, lease: Lease, ttl_ms: int) -> None:
+    while True:
+        await asyncio.sleep(ttl_ms / 3000)
+        try:
+            if not await scripts.renew(lease.key, lease.token, ttl_ms):
+                lease.lost = True
+                log.warning("lease_lost", lease=lease.key)
+                return
+        except (RedisError, OSError) as exc:
+            log.warning("lease_renew_failed", lease=lease.key, error=str(exc))

@@ -1,0 +1,1 @@
+"""Hot-tier layouts: how an agent library's stored state decodes into turns and back."""

@@ -1,0 +1,94 @@
+"""The layout seam: a pure codec between the agent's stored bytes and turns."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+
+from worker.domain import Turn
+
+
+class Storage(enum.Enum):
+    LIST = "list"  # one Redis LIST element per turn
+    STRING = "string"  # one Redis STRING holding the whole conversation
+
+
+class DecodeError(ValueError):
+    """An element the layout cannot read: the session is quarantined, never rewritten."""
+
+
+class Layout(Protocol):
+    name: str
+    storage: Storage
+    newest_first: bool  # LIST order in Redis: LPUSH (newest first) or RPUSH
+
+    def decode(self, raw: bytes) -> Turn:
+        """One stored element as a turn; raises DecodeError."""
+        ...
+
+    def summary_elements(self, text: str, turns_covered: int, now: datetime) -> list[bytes]:
+        """The element(s), in conversation order, that stand for the folded turns."""
+        ...
+
+    def split(self, value: bytes) -> list[bytes]:
+        """STRING layouts: the stored value as its elements, oldest first (DecodeError)."""
+        ...
+
+    def join(self, original: bytes, elements: Sequence[bytes]) -> bytes:
+        """STRING layouts: `original` with its elements replaced by `elements`."""
+        ...
+
+
+def load_object(raw: bytes) -> dict[str, Any]:
+    """Parse one JSON object strictly: invalid UTF-8, bad JSON or a non-object is a DecodeError."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not valid JSON (or not UTF-8): {exc}") from exc
+    if not isinstance(value, dict):
+        raise DecodeError(f"expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """Timestamps as agents write them: epoch seconds or milliseconds, or ISO 8601."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        seconds = value / 1000 if value > 1e11 else value
+        try:
+            return datetime.fromtimestamp(seconds, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def text_of(content: object) -> str:
+    """Text from the content shapes chat libraries use: a string, or a list of parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        pieces = []
+        for part in content:
+            if isinstance(part, str):
+                pieces.append(part)
+            elif isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    pieces.append(text)
+        return "\n".join(pieces)
+    if isinstance(content, dict):
+        return text_of(content.get("text") or content.get("parts"))
+    return str(content)

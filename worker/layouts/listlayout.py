@@ -1,0 +1,56 @@
+"""The `list` layout (seed 004): a LIST of JSON `{"role","content","timestamp"?}` elements.
+
+Tool calls in the OpenAI shape many agents use are recognised, so the cut never separates
+an assistant's `tool_calls` from the `tool` messages answering them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import orjson
+
+from worker.domain import Turn
+from worker.layouts.base import DecodeError, Storage, load_object, parse_timestamp, text_of
+
+KNOWN_ROLES = frozenset({"user", "assistant", "system", "tool", "function", "model", "developer"})
+
+
+class ListLayout:
+    name = "list"
+    storage = Storage.LIST
+
+    def __init__(self, *, newest_first: bool = False) -> None:
+        self.newest_first = newest_first
+
+    def decode(self, raw: bytes) -> Turn:
+        obj = load_object(raw)
+        role = obj.get("role")
+        if not isinstance(role, str) or role not in KNOWN_ROLES:
+            raise DecodeError(f"unknown role {role!r}")
+        calls = frozenset(
+            str(call["id"])
+            for call in obj.get("tool_calls") or ()
+            if isinstance(call, dict) and "id" in call
+        )
+        result_id = obj.get("tool_call_id")
+        results = frozenset({str(result_id)}) if result_id is not None else frozenset()
+        return Turn(
+            role=role,
+            text=text_of(obj.get("content")),
+            raw=raw,
+            created_at=parse_timestamp(obj.get("timestamp")),
+            tool_calls=calls,
+            tool_results=results,
+        )
+
+    def summary_elements(self, text: str, turns_covered: int, now: datetime) -> list[bytes]:
+        content = f"[Summary of the {turns_covered} earlier turns]\n{text}"
+        return [orjson.dumps({"role": "system", "content": content, "timestamp": now.timestamp()})]
+
+    def split(self, value: bytes) -> list[bytes]:
+        raise NotImplementedError("the list layout is stored as a LIST")
+
+    def join(self, original: bytes, elements: Sequence[bytes]) -> bytes:
+        raise NotImplementedError("the list layout is stored as a LIST")

@@ -1,0 +1,210 @@
+"""Consolidating one session: claim, read, align, archive, summarize, rewrite, release.
+
+The order is the product's promise (DESIGN 5): nothing in Redis changes before the archive
+commit is durable, the model is called while nothing is locked, and the rewrite is a
+compare-and-swap that leaves whatever the agent appended meanwhile.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+
+import structlog
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from worker.archive import writer
+from worker.config import OnSummaryFailure, Settings
+from worker.domain import Outcome, SessionRef, SummaryText, Turn
+from worker.hot.leases import Lease, claim
+from worker.hot.scripts import Scripts, Swap
+from worker.hot.store import BadKey, HotStore
+from worker.layouts.base import DecodeError, Layout
+from worker.metrics import Metrics
+from worker.policy import align, choose_cut, estimate_tokens
+from worker.summarizers.base import Summarizer, SummarizerUnavailable, SummaryRejected
+
+log = structlog.get_logger(__name__)
+_MARKER = re.compile(r"^\d+ earlier turns archived\.$")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    summarize: bool = True
+    evict: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Everything one session's consolidation uses; opened once by the runtime."""
+
+    settings: Settings
+    redis: Redis
+    scripts: Scripts
+    store: HotStore
+    layout: Layout
+    engine: AsyncEngine
+    summarizer: Summarizer
+    metrics: Metrics
+
+    async def consolidate(self, ref: SessionRef, options: Options = Options()) -> Outcome:
+        started = time.perf_counter()
+        ttl_ms = int(self.settings.lease_ttl_s * 1000)
+        with structlog.contextvars.bound_contextvars(session_id=ref.session_id):
+            async with claim(self.redis, self.scripts, ref.key, ttl_ms) as lease:
+                if lease is None:
+                    outcome = Outcome(ref.session_id, "skipped", reason="leased elsewhere")
+                else:
+                    outcome = await self._consolidate(ref, lease, options)
+            outcome = replace(outcome, duration_ms=round((time.perf_counter() - started) * 1000, 2))
+            self.metrics.observe(outcome)
+            level = log.warning if outcome.status in ("failed", "quarantined") else log.info
+            level("session_consolidated", **_fields(outcome))
+            return outcome
+
+    async def _consolidate(self, ref: SessionRef, lease: Lease, options: Options) -> Outcome:
+        try:
+            stored = await self.store.read(ref)
+        except BadKey as bad:
+            return await self._quarantine(ref, bad.reason, bad.detail, options)
+        if stored is None or not stored.snapshot.elements:
+            return Outcome(ref.session_id, "unchanged", reason="no hot state")
+        snap = stored.snapshot
+        try:
+            hot_turns = [self.layout.decode(raw) for raw in snap.elements]
+        except DecodeError as bad:
+            return await self._quarantine(ref, "undecodable", str(bad), options)
+        size_before = sum(len(e) for e in snap.elements)
+
+        shas = [t.sha for t in hot_turns]
+        async with self.engine.connect() as conn:
+            state = await writer.read_state(conn, ref.session_id, shas[0], len(shas))
+        alignment = align(shas, state.turn_count, state.head, state.tail)
+        verbatim = hot_turns[alignment.summary_len :]
+        new_turns = verbatim[alignment.archived :]
+        if options.dry_run:
+            cut = self._cut(verbatim)
+            return Outcome(
+                ref.session_id,
+                "dry-run",
+                turns_archived=len(new_turns),
+                turns_folded=cut,
+                turns_kept=len(verbatim) - cut,
+                gap=alignment.gap_reason is not None,
+                bytes_before=size_before,
+            )
+
+        async with self.engine.begin() as conn:
+            written = await writer.archive_turns(
+                conn,
+                ref,
+                layout=self.layout.name,
+                expected_count=state.turn_count,
+                new_turns=new_turns,
+                gap_reason=alignment.gap_reason,
+                metadata=snap.metadata,
+            )
+            if written:
+                await writer.release_quarantine(conn, ref.key)
+        if not written:
+            return Outcome(ref.session_id, "conflict", reason="archive moved on meanwhile")
+        self.metrics.turns_archived.inc(len(new_turns))
+        archived = Outcome(
+            ref.session_id,
+            "archived",
+            turns_archived=len(new_turns),
+            turns_kept=len(verbatim),
+            gap=alignment.gap_reason is not None,
+            bytes_before=size_before,
+            bytes_after=size_before,
+        )
+
+        if options.evict:
+            swap = await self.store.evict(stored, lease)
+            if swap is Swap.DONE:
+                return replace(archived, status="evicted", turns_kept=0, bytes_after=0)
+            return replace(archived, status="conflict", reason=f"evict: {swap.name.lower()}")
+        cut = self._cut(verbatim)
+        if not options.summarize or cut == 0:
+            return archived
+
+        # Seqs of the verbatim turns: after a gap the new ones continue the archive's count.
+        first_seq = alignment.first_seq
+        through_seq = first_seq + cut - 1
+        folded = verbatim[:cut]
+        summary = await self._summarize(state.previous_summary, folded, through_seq + 1)
+        if summary is None:
+            return replace(archived, reason="summary failed; hot state left as it was")
+        elements = self.layout.summary_elements(summary.text, through_seq + 1, datetime.now(UTC))
+        async with self.engine.begin() as conn:
+            summary_id = await writer.record_summary(
+                conn,
+                ref.session_id,
+                from_seq=0,
+                through_seq=through_seq,
+                summary=summary,
+                elements=elements,
+            )
+        prefix_len = alignment.summary_len + cut
+        swap = await self.store.replace_prefix(stored, lease, prefix_len, elements)
+        if swap is not Swap.DONE:
+            self.metrics.cas_conflicts.inc()
+            return replace(archived, status="conflict", reason=f"rewrite: {swap.name.lower()}")
+        async with self.engine.begin() as conn:
+            await writer.mark_applied(conn, ref.session_id, summary_id)
+        size_after = sum(len(e) for e in elements) + sum(len(t.raw) for t in verbatim[cut:])
+        self.metrics.bytes_saved.inc(max(size_before - size_after, 0))
+        return replace(
+            archived,
+            status="consolidated",
+            turns_folded=cut,
+            turns_kept=len(verbatim) - cut,
+            bytes_after=size_after,
+            summarizer=summary.summarizer,
+        )
+
+    def _cut(self, verbatim: list[Turn]) -> int:
+        cut = choose_cut(
+            verbatim,
+            self.settings.keep_recent,
+            max_kept_tokens=self.settings.max_hot_tokens,
+            fold_max_tokens=self.settings.fold_max_tokens,
+        )
+        return cut.fold if cut else 0
+
+    async def _summarize(
+        self, previous: str | None, folded: list[Turn], turns_covered: int
+    ) -> SummaryText | None:
+        try:
+            return await self.summarizer.summarize(
+                previous, folded, self.settings.summary_max_chars
+            )
+        except (SummarizerUnavailable, SummaryRejected) as exc:
+            self.metrics.summary_failures.labels(kind=type(exc).__name__).inc()
+            log.warning("summary_failed", error=str(exc), summarizer=self.summarizer.name)
+        if self.settings.on_summary_failure is OnSummaryFailure.MARKER:
+            # Earlier markers are superseded: the count always covers the whole conversation.
+            kept = [line for line in (previous or "").splitlines() if not _MARKER.match(line)]
+            text = "\n".join([*kept, f"{turns_covered} earlier turns archived."])
+            return SummaryText(text=text, summarizer="marker")
+        return None
+
+    async def _quarantine(
+        self, ref: SessionRef, reason: str, detail: str, options: Options
+    ) -> Outcome:
+        if not options.dry_run:
+            async with self.engine.begin() as conn:
+                await writer.quarantine_session(conn, ref, reason, detail)
+        self.metrics.quarantined.labels(reason=reason).inc()
+        return Outcome(ref.session_id, "quarantined", reason=f"{reason}: {detail[:300]}")
+
+
+def _fields(outcome: Outcome) -> dict[str, object]:
+    fields = {k: v for k, v in asdict(outcome).items() if v not in (None, False)}
+    if outcome.bytes_before:
+        fields["tokens_saved"] = estimate_tokens(outcome.bytes_before - outcome.bytes_after)
+    return fields

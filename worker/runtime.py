@@ -1,0 +1,74 @@
+"""The one place that opens and closes every client (DESIGN: a composition root)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from worker.config import Settings
+from worker.daemon import Daemon
+from worker.hot.keys import KeyPattern
+from worker.hot.scripts import Scripts
+from worker.hot.store import HotStore
+from worker.layouts.registry import layout_for
+from worker.metrics import Metrics
+from worker.pipeline import Pipeline
+from worker.summarizers.base import Summarizer
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    redis: Redis
+    engine: AsyncEngine
+    pattern: KeyPattern
+    pipeline: Pipeline
+    daemon: Daemon
+    metrics: Metrics
+
+
+def redis_client(url: str) -> Redis:
+    # Bytes in, bytes out: the archive keeps the agent's elements byte for byte.
+    return Redis.from_url(url, decode_responses=False, health_check_interval=30)
+
+
+def database_engine(url: str, pool_size: int) -> AsyncEngine:
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True, pool_recycle=1800
+    )
+
+
+def default_summarizer(settings: Settings) -> Summarizer:
+    from worker.summarizers.select import build_summarizer
+
+    return build_summarizer(settings)
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    settings: Settings,
+    *,
+    summarizer: Summarizer | None = None,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[Runtime]:
+    async with contextlib.AsyncExitStack() as stack:
+        redis = redis_client(settings.redis_url)
+        stack.push_async_callback(redis.aclose)
+        engine = database_engine(settings.database_url, settings.concurrency + 2)
+        stack.push_async_callback(engine.dispose)
+        chosen = summarizer or default_summarizer(settings)
+        stack.push_async_callback(chosen.aclose)
+        layout = layout_for(settings)
+        scripts = Scripts(redis)
+        store = HotStore(
+            redis, scripts, layout, settings.max_value_bytes, settings.metadata_pattern
+        )
+        metrics = metrics or Metrics()
+        pipeline = Pipeline(settings, redis, scripts, store, layout, engine, chosen, metrics)
+        pattern = KeyPattern.compile(settings.pattern)
+        daemon = Daemon(pipeline, pattern)
+        yield Runtime(settings, redis, engine, pattern, pipeline, daemon, metrics)

@@ -1,0 +1,1 @@
+"""Summarizers: previous summary + turns to fold -> a new rolling summary."""

@@ -1,0 +1,60 @@
+"""The summarizer seam and the checks every summary passes before it replaces turns."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+from worker.domain import SummaryText, Turn
+
+
+class SummaryRejected(Exception):
+    """The summarizer answered, but the answer must not replace the turns (empty, refusal...)."""
+
+
+class SummarizerUnavailable(Exception):
+    """The summarizer could not answer now (model down, circuit open, timeout)."""
+
+
+class Summarizer(Protocol):
+    name: str
+
+    async def summarize(
+        self, previous: str | None, turns: Sequence[Turn], max_chars: int
+    ) -> SummaryText:
+        """Fold `turns` (oldest first) into `previous`; the result is at most `max_chars`."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+_NONE_LIKE = re.compile(
+    r"^\W*(none|n/?a|null|nothing( to summari[sz]e)?|no summary|empty)\W*$", re.IGNORECASE
+)
+_REFUSAL = re.compile(
+    r"^\W*(i('m| am) (sorry|unable)|i can(no|')t|as an ai|sorry, i)", re.IGNORECASE
+)
+
+
+def input_chars(previous: str | None, turns: Sequence[Turn]) -> int:
+    return len(previous or "") + sum(len(t.text) for t in turns)
+
+
+def check_summary(text: str, previous: str | None, turns: Sequence[Turn]) -> str:
+    """Return the cleaned summary, or raise SummaryRejected saying why."""
+    cleaned = text.strip()
+    if not cleaned:
+        raise SummaryRejected("empty")
+    if _NONE_LIKE.match(cleaned):
+        raise SummaryRejected("none-like")
+    if _REFUSAL.match(cleaned):
+        raise SummaryRejected("refusal")
+    if len(cleaned) > max(input_chars(previous, turns), 1):
+        raise SummaryRejected("longer than its input")
+    return cleaned
+
+
+def transcript(turns: Sequence[Turn]) -> str:
+    """Turns as `role: text` lines, the input a model summarizes."""
+    return "\n".join(f"{t.role}: {t.text}" for t in turns)
