@@ -6,6 +6,7 @@ import enum
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 
 def digest(raw: bytes) -> bytes:
@@ -71,7 +72,7 @@ class Snapshot:
     ref: SessionRef
     elements: tuple[bytes, ...]
     ttl_ms: int
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,7 @@ async def archive_turns(
     expected_count: int,
     new_turns: Sequence[Turn],
     gap_reason: str | None,
-    metadata: Mapping[str, str],
+    metadata: Mapping[str, Any],
 ) -> bool:
     """Archive `new_turns` as seqs expected_count.. in the caller's transaction.
 
@@ -95,8 +95,8 @@ async def archive_turns(
         "redis_key": ref.key,
         "layout": layout,
         "app_name": ref.app,
-        "user_id": ref.user or metadata.get("user_id"),
-        "agent_id": metadata.get("agent_id"),
+        "user_id": ref.user or _text(metadata.get("user_id")),
+        "agent_id": _text(metadata.get("agent_id")),
         "turn_count": expected_count + n,
         "metadata": dict(metadata),
     }
@@ -204,3 +204,7 @@ async def quarantine_session(
 
 async def release_quarantine(conn: AsyncConnection, key: str) -> None:
     await conn.execute(delete(quarantine).where(quarantine.c.redis_key == key))
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)

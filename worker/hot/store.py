@@ -84,6 +84,7 @@ class HotStore:
             ordered = tuple(reversed(stored)) if self._layout.newest_first else stored
             snap = Snapshot(ref, ordered, ttl_ms, metadata)
             return Stored(snap, None, stored)
+        metadata = {**self._layout.value_metadata(data), **metadata}
         snap = Snapshot(ref, tuple(self._layout.split(data)), ttl_ms, metadata)
         return Stored(snap, data, ())
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 
-from worker.domain import Turn
+from worker.domain import SessionRef, Turn
 
 
 class Storage(enum.Enum):
@@ -40,6 +40,18 @@ class Layout(Protocol):
 
     def join(self, original: bytes, elements: Sequence[bytes]) -> bytes:
         """STRING layouts: `original` with its elements replaced by `elements`."""
+        ...
+
+    def value_metadata(self, value: bytes) -> dict[str, Any]:
+        """STRING layouts: what the value holds besides its elements (ADK's session state),
+        archived with the session. LIST layouts return {}."""
+        ...
+
+    def fresh_value(
+        self, ref: SessionRef, elements: Sequence[bytes], metadata: Mapping[str, Any]
+    ) -> bytes:
+        """STRING layouts: a whole new value holding `elements` (restore), from the session's
+        archived metadata."""
         ...
 
 

@@ -6,12 +6,13 @@ an assistant's `tool_calls` from the `tool` messages answering them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 import orjson
 
-from worker.domain import Turn
+from worker.domain import SessionRef, Turn
 from worker.layouts.base import DecodeError, Storage, load_object, parse_timestamp, text_of
 
 KNOWN_ROLES = frozenset({"user", "assistant", "system", "tool", "function", "model", "developer"})
@@ -53,4 +54,12 @@ class ListLayout:
         raise NotImplementedError("the list layout is stored as a LIST")
 
     def join(self, original: bytes, elements: Sequence[bytes]) -> bytes:
+        raise NotImplementedError("the list layout is stored as a LIST")
+
+    def value_metadata(self, value: bytes) -> dict[str, Any]:
+        return {}
+
+    def fresh_value(
+        self, ref: SessionRef, elements: Sequence[bytes], metadata: Mapping[str, Any]
+    ) -> bytes:
         raise NotImplementedError("the list layout is stored as a LIST")
