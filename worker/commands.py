@@ -262,7 +262,7 @@ async def stats_main(settings: Settings, *, as_json: bool) -> int:
     async with open_runtime(settings) as rt:
         hot = {"sessions": 0, "bytes": 0, "pending": 0, "expiring": 0}
         async for refs in scan_keys(rt.redis, rt.pattern, settings.scan_count):
-            for p in await probe(rt.redis, refs, rt.pipeline.layout.storage):
+            for p in await probe(rt.redis, refs):
                 hot["sessions"] += 1
                 hot["bytes"] += p.size_bytes or 0
                 trigger = classify(

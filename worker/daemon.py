@@ -26,32 +26,48 @@ _PRIORITY = {Trigger.EXPIRING: 0, Trigger.OVERSIZE: 1, Trigger.IDLE: 2, Trigger.
 _TRANSIENT = (RedisError, OSError, OperationalError, DBAPIError)
 
 
+@dataclass(frozen=True, slots=True)
+class _Visit:
+    done_at: float  # wall clock when the consolidator last read or wrote the key
+    expires_at: float | None  # None: no TTL
+    memory: int | None
+
+
 @dataclass
 class VisitCache:
-    """Sessions seen unchanged since they were last handled, so idle ones are not re-read.
+    """Sessions not written to since they were handled, so idle ones are not read again.
 
-    A session counts as unchanged while its length is the same and its expiry has not been
-    pushed back (agents refresh the TTL when they write). Bounded: memory does not grow with
-    the keyspace. Expiring sessions are always looked at again.
+    Nothing here may make the daemon miss a write, so a session counts as unchanged only when
+    every signal agrees: nobody has accessed the key since (its idle time covers the time since
+    we handled it, minus the second of resolution Redis keeps), its expiry has not been pushed
+    back (agents refresh the TTL as they write), and its memory is what it was after our write.
+    Sessions near expiry are always read again, whatever this says. Bounded, so the daemon's
+    memory does not grow with the keyspace.
     """
 
     capacity: int = 200_000
-    _seen: OrderedDict[str, tuple[int | None, float]] = field(default_factory=OrderedDict)
+    _seen: OrderedDict[str, _Visit] = field(default_factory=OrderedDict)
 
-    def remember(self, p: Probe) -> None:
-        expires_at = time.time() + p.ttl_ms / 1000 if p.ttl_ms >= 0 else -1.0
-        self._seen[p.ref.key] = (p.length, expires_at)
+    def remember(self, p: Probe, memory: int | None) -> None:
+        self._seen[p.ref.key] = _Visit(time.time(), p.expires_at, memory)
         self._seen.move_to_end(p.ref.key)
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
 
     def unchanged(self, p: Probe) -> bool:
         seen = self._seen.get(p.ref.key)
-        if seen is None or seen[0] != p.length:
+        if seen is None or p.idle_s is None or seen.memory is None:
             return False
-        if p.ttl_ms < 0:
-            return seen[1] < 0
-        return seen[1] >= 0 and time.time() + p.ttl_ms / 1000 <= seen[1] + 2.0
+        now = time.time()
+        if p.idle_s < now - seen.done_at - 2.0:
+            return False
+        expires_at = p.expires_at
+        if (expires_at is None) != (seen.expires_at is None):
+            return False
+        pushed_back = (expires_at or 0.0) > (seen.expires_at or 0.0) + 0.05
+        if pushed_back:
+            return False
+        return p.size_bytes == seen.memory
 
     def forget(self, key: str) -> None:
         self._seen.pop(key, None)
@@ -71,7 +87,7 @@ class Daemon:
         found: list[tuple[Candidate, Probe]] = []
         async for refs in scan_keys(self.pipeline.redis, self.pattern, s.scan_count):
             self.metrics.sessions_scanned.inc(len(refs))
-            for p in await probe(self.pipeline.redis, refs, self.pipeline.layout.storage):
+            for p in await probe(self.pipeline.redis, refs):
                 trigger = classify(
                     ttl_ms=p.ttl_ms,
                     idle_s=p.idle_s,
@@ -135,7 +151,7 @@ class Daemon:
         finally:
             self.metrics.in_flight.dec()
         if p is not None and outcome.status not in ("failed", "conflict", "skipped"):
-            self.visits.remember(p)
+            self.visits.remember(p, outcome.hot_memory)
         if cand is not None and cand.trigger is Trigger.EXPIRING and cand.ttl_ms >= 0:
             self.metrics.expiry_left.observe(cand.ttl_ms / 1000)
         return outcome

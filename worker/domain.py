@@ -104,3 +104,4 @@ class Outcome:
     summarizer: str | None = None
     reason: str | None = None
     duration_ms: float = 0.0
+    hot_memory: int | None = None  # MEMORY USAGE as last seen or written (change detection)

@@ -121,6 +121,7 @@ class Pipeline:
             gap=alignment.gap_reason is not None,
             bytes_before=size_before,
             bytes_after=size_before,
+            hot_memory=stored.memory,
         )
 
         if options.evict:
@@ -150,10 +151,11 @@ class Pipeline:
                 elements=elements,
             )
         prefix_len = alignment.summary_len + cut
-        swap = await self.store.replace_prefix(stored, lease, prefix_len, elements)
-        if swap is not Swap.DONE:
+        result = await self.store.replace_prefix(stored, lease, prefix_len, elements)
+        if result.swap is not Swap.DONE:
             self.metrics.cas_conflicts.inc()
-            return replace(archived, status="conflict", reason=f"rewrite: {swap.name.lower()}")
+            reason = f"rewrite: {result.swap.name.lower()}"
+            return replace(archived, status="conflict", reason=reason)
         async with self.engine.begin() as conn:
             await writer.mark_applied(conn, ref.session_id, summary_id)
         size_after = sum(len(e) for e in elements) + sum(len(t.raw) for t in verbatim[cut:])
@@ -165,6 +167,7 @@ class Pipeline:
             turns_kept=len(verbatim) - cut,
             bytes_after=size_after,
             summarizer=summary.summarizer,
+            hot_memory=result.memory_after,
         )
 
     def _cut(self, verbatim: list[Turn]) -> int:

@@ -6,6 +6,7 @@ one pipeline: remaining TTL, idle time, length and memory. Nothing here reads a 
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,7 +15,6 @@ from redis.asyncio import Redis
 
 from worker.domain import SessionRef
 from worker.hot.keys import KeyPattern
-from worker.layouts.base import Storage
 
 log = structlog.get_logger(__name__)
 
@@ -23,9 +23,13 @@ log = structlog.get_logger(__name__)
 class Probe:
     ref: SessionRef
     ttl_ms: int  # -1 no expiry, -2 gone
-    idle_s: int | None
-    length: int | None  # elements (LIST) or bytes (STRING); None for another type
+    idle_s: int | None  # None where the eviction policy (LFU) keeps no idle time
     size_bytes: int | None
+    probed_at: float  # wall clock of the reply, to turn the TTL into an absolute expiry
+
+    @property
+    def expires_at(self) -> float | None:
+        return self.probed_at + self.ttl_ms / 1000 if self.ttl_ms >= 0 else None
 
 
 async def scan_keys(
@@ -51,22 +55,20 @@ async def scan_keys(
             return
 
 
-async def probe(redis: Redis, refs: list[SessionRef], storage: Storage) -> list[Probe]:
+async def probe(redis: Redis, refs: list[SessionRef]) -> list[Probe]:
+    """TTL, idle time and memory of each key. Only commands that do not count as an access
+    (PTTL, OBJECT, MEMORY USAGE): probing must not make a session look active."""
     async with redis.pipeline(transaction=False) as pipe:
         for ref in refs:
             pipe.pttl(ref.key)
             pipe.object("idletime", ref.key)
-            if storage is Storage.LIST:
-                pipe.llen(ref.key)
-            else:
-                pipe.strlen(ref.key)
-            pipe.memory_usage(ref.key)
-        # Errors stay per key: a wrong-type key (length) or an LFU policy (idle time) must not
-        # hide the others.
+            pipe.memory_usage(ref.key, samples=0)
+        # Errors stay per key: an LFU policy (no idle time) must not hide the rest.
         replies = await pipe.execute(raise_on_error=False)
+    now = time.time()
     probes = []
     for i, ref in enumerate(refs):
-        ttl, idle, length, size = replies[4 * i : 4 * i + 4]
+        ttl, idle, size = replies[3 * i : 3 * i + 3]
         if not isinstance(ttl, int) or ttl == -2:
             continue
         probes.append(
@@ -74,8 +76,8 @@ async def probe(redis: Redis, refs: list[SessionRef], storage: Storage) -> list[
                 ref,
                 ttl,
                 idle if isinstance(idle, int) else None,
-                length if isinstance(length, int) else None,
                 size if isinstance(size, int) else None,
+                now,
             )
         )
     return probes

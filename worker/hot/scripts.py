@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 
 from redis.asyncio import Redis
@@ -15,6 +16,17 @@ class Swap(enum.IntEnum):
     DONE = 1
     CHANGED = 0
     LEASE_LOST = -1
+
+
+@dataclass(frozen=True, slots=True)
+class SwapResult:
+    swap: Swap
+    memory_after: int  # MEMORY USAGE of the key right after the write (0: gone or not written)
+
+
+def _swap_result(reply: object) -> SwapResult:
+    assert isinstance(reply, list | tuple), reply  # the scripts return {code, memory}
+    return SwapResult(Swap(int(reply[0])), int(reply[1] or 0))
 
 
 def elements_sha1(elements: Sequence[bytes]) -> str:
@@ -54,7 +66,7 @@ class Scripts:
         replacement: Sequence[bytes],
         *,
         newest_first: bool,
-    ) -> Swap:
+    ) -> SwapResult:
         args: list[str | bytes | int] = [
             token,
             len(prefix),
@@ -62,13 +74,13 @@ class Scripts:
             "1" if newest_first else "0",
             *replacement,
         ]
-        return Swap(int(await self._replace_prefix(keys=[key, lease], args=args)))
+        return _swap_result(await self._replace_prefix(keys=[key, lease], args=args))
 
     async def replace_value(
         self, key: str, lease: str, token: str, old: bytes, new: bytes | None
-    ) -> Swap:
+    ) -> SwapResult:
         args: list[str | bytes] = [token, value_sha1(old), new or b""]
-        return Swap(int(await self._replace_value(keys=[key, lease], args=args)))
+        return _swap_result(await self._replace_value(keys=[key, lease], args=args))
 
     async def delete_list(self, key: str, lease: str, token: str, stored: Sequence[bytes]) -> Swap:
         args = [token, elements_sha1(stored)]

@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from worker.domain import SessionRef, Snapshot
 from worker.hot.leases import Lease
-from worker.hot.scripts import Scripts, Swap
+from worker.hot.scripts import Scripts, Swap, SwapResult
 from worker.layouts.base import Layout, Storage
 
 
@@ -29,6 +29,10 @@ class Stored:
     snapshot: Snapshot
     value: bytes | None  # STRING layouts: the whole value
     stored_order: tuple[bytes, ...]  # LIST layouts: elements in Redis order
+    # MEMORY USAGE taken before the value was read: a later probe that finds the same figure
+    # (and no touch since) knows nothing was written. Taken before, so a write in between
+    # errs towards reading the session once more, never towards missing it.
+    memory: int | None
 
 
 _TYPE_OF = {Storage.LIST: b"list", Storage.STRING: b"string"}
@@ -53,7 +57,7 @@ class HotStore:
         """The session as it is now, or None when the key does not exist."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.type(ref.key)
-            pipe.memory_usage(ref.key)
+            pipe.memory_usage(ref.key, samples=0)
             kind, size = await pipe.execute()
         if kind == b"none":
             return None
@@ -83,10 +87,10 @@ class HotStore:
             stored = tuple(data)
             ordered = tuple(reversed(stored)) if self._layout.newest_first else stored
             snap = Snapshot(ref, ordered, ttl_ms, metadata)
-            return Stored(snap, None, stored)
+            return Stored(snap, None, stored, size)
         metadata = {**self._layout.value_metadata(data), **metadata}
         snap = Snapshot(ref, tuple(self._layout.split(data)), ttl_ms, metadata)
-        return Stored(snap, data, ())
+        return Stored(snap, data, (), size)
 
     def _metadata_key(self, ref: SessionRef) -> str:
         assert self._metadata_pattern is not None
@@ -94,10 +98,10 @@ class HotStore:
 
     async def replace_prefix(
         self, stored: Stored, lease: Lease, prefix_len: int, replacement: Sequence[bytes]
-    ) -> Swap:
+    ) -> SwapResult:
         """Replace the first `prefix_len` elements (conversation order) by `replacement`."""
         if lease.lost:
-            return Swap.LEASE_LOST
+            return SwapResult(Swap.LEASE_LOST, 0)
         snap = stored.snapshot
         if self._layout.storage is Storage.LIST:
             return await self._scripts.replace_prefix(
@@ -123,7 +127,8 @@ class HotStore:
         if self._layout.storage is Storage.LIST:
             return await self._scripts.delete_list(key, lease.key, lease.token, stored.stored_order)
         assert stored.value is not None
-        return await self._scripts.replace_value(key, lease.key, lease.token, stored.value, None)
+        result = await self._scripts.replace_value(key, lease.key, lease.token, stored.value, None)
+        return result.swap
 
 
 def _decode_hash(raw: dict[bytes, bytes]) -> dict[str, str]:

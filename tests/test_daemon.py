@@ -1,0 +1,108 @@
+"""Which sessions the daemon picks, in which order, and what it never touches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+from redis.asyncio import Redis
+
+from tests import agents
+from worker.config import Settings
+from worker.domain import Trigger
+from worker.runtime import open_runtime
+from worker.summarizers.extractive import ExtractiveSummarizer
+
+
+async def make_idle(redis: Redis, key: str, seconds: int) -> None:
+    """Give a key an idle time, as if nobody had touched it for `seconds` (RESTORE IDLETIME)."""
+    ttl = await redis.pttl(key)
+    dump = await redis.dump(key)
+    assert dump is not None
+    await redis.restore(key, max(ttl, 0), dump, replace=True, idletime=seconds)
+
+
+async def test_triggers_pick_expiring_soonest_first_then_oversize_then_idle(
+    make_settings: Callable[..., Settings], redis: Redis, prefix: str
+) -> None:
+    settings = make_settings(idle_after_s=600, expiry_margin_s=120, max_hot_tokens=2000)
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        key = rt.pattern.key_for
+        await agents.conversation(redis, key("active"), 6)
+        await agents.conversation(redis, key("idle"), 6)
+        await make_idle(redis, key("idle"), 3600)
+        await agents.conversation(redis, key("expiring-late"), 6, ttl_s=100)
+        await agents.conversation(redis, key("expiring-soon"), 6, ttl_s=30)
+        await agents.append(redis, key("huge"), "user", "lorem ipsum " * 1500)
+        unrelated = f"{prefix}conversation:x:other"
+        await redis.set(unrelated, b"not a session", ex=500)
+
+        work = await rt.daemon.find_work()
+
+        picked = [(c.ref.session_id, c.trigger) for c, _ in work]
+        assert picked == [
+            ("expiring-soon", Trigger.EXPIRING),
+            ("expiring-late", Trigger.EXPIRING),
+            ("huge", Trigger.OVERSIZE),
+            ("idle", Trigger.IDLE),
+        ]
+        outcomes = await rt.daemon.run_once()
+    assert {o.session_id for o in outcomes} == {s for s, _ in picked}
+    assert await redis.get(unrelated) == b"not a session"
+    assert 0 < await redis.ttl(unrelated) <= 500
+
+
+async def test_keys_outside_the_pattern_are_never_touched(
+    make_settings: Callable[..., Settings], redis: Redis, prefix: str, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    others = {
+        f"{prefix}conversation:a:historyX": agents.element("user", "near miss"),
+        f"{prefix}conversation:a": agents.element("user", "prefix only"),
+        f"{prefix}other:b:history": agents.element("user", "other family"),
+    }
+    for key, raw in others.items():
+        await redis.rpush(key, raw, raw)
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        await agents.conversation(redis, rt.pattern.key_for("mine"), 8)
+        outcomes = await rt.daemon.run_once()
+    assert [o.session_id for o in outcomes] == ["mine"]
+    for key, raw in others.items():
+        assert await redis.lrange(key, 0, -1) == [raw, raw]
+    assert (
+        await pg.fetchval("SELECT count(*) FROM sessions WHERE redis_key = ANY($1)", list(others))
+        == 0
+    )
+
+
+async def test_an_untouched_session_is_not_read_again_but_a_new_turn_is_seen(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    settings = make_settings()
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        key = rt.pattern.key_for("quiet")
+        await agents.conversation(redis, key, 8, ttl_s=3000)
+        first = await rt.daemon.run_once()
+        assert [o.status for o in first] == ["consolidated"]
+        assert await rt.daemon.find_work() == []  # nothing changed since
+        await agents.append(redis, key, "user", "one more thing", ttl_s=3000)
+        again = await rt.daemon.run_once()
+    assert [(o.status, o.turns_archived) for o in again] == [("consolidated", 1)]
+
+
+async def test_run_forever_stops_when_asked(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    settings = make_settings(scan_interval_s=0.05)
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        await agents.conversation(redis, rt.pattern.key_for("loop"), 9)
+        stop = asyncio.Event()
+        task = asyncio.create_task(rt.daemon.run_forever(stop))
+        for _ in range(100):
+            if len(await redis.lrange(rt.pattern.key_for("loop"), 0, -1)) == 5:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        assert len(await redis.lrange(rt.pattern.key_for("loop"), 0, -1)) == 5

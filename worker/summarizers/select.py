@@ -1,0 +1,87 @@
+"""Which summarizer runs: chosen from settings, optionally backed by the extractive one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+from google.auth.exceptions import GoogleAuthError
+
+from worker.config import Settings, SummarizerName
+from worker.domain import SummaryText, Turn
+from worker.summarizers.base import Summarizer, SummarizerUnavailable, SummaryRejected
+from worker.summarizers.extractive import ExtractiveSummarizer
+from worker.summarizers.gemini import GeminiSummarizer, vertex_requested
+
+log = structlog.get_logger(__name__)
+
+
+class SummarizerConfigError(ValueError):
+    """The configured summarizer cannot be built (e.g. gemini chosen but no credentials)."""
+
+
+class FallbackSummarizer:
+    """`primary`, and `fallback` whenever the primary is unavailable or its summary rejected.
+
+    The returned SummaryText names the summarizer that actually wrote it.
+    """
+
+    def __init__(self, primary: Summarizer, fallback: Summarizer) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.name = primary.name
+
+    async def summarize(
+        self, previous: str | None, turns: Sequence[Turn], max_chars: int
+    ) -> SummaryText:
+        try:
+            return await self.primary.summarize(previous, turns, max_chars)
+        except (SummarizerUnavailable, SummaryRejected) as exc:
+            log.warning(
+                "summary_fallback",
+                primary=self.primary.name,
+                fallback=self.fallback.name,
+                reason=str(exc),
+                rejected=isinstance(exc, SummaryRejected),
+            )
+            return await self.fallback.summarize(previous, turns, max_chars)
+
+    async def aclose(self) -> None:
+        try:
+            await self.primary.aclose()
+        finally:
+            await self.fallback.aclose()
+
+
+def choose(settings: Settings) -> tuple[SummarizerName, str]:
+    """The summarizer `settings` ask for, and why (for the log)."""
+    if settings.summarizer is not SummarizerName.AUTO:
+        return settings.summarizer, "configured"
+    if vertex_requested():
+        return SummarizerName.GEMINI, "auto: Vertex AI enabled"
+    if settings.model_api_key:
+        return SummarizerName.GEMINI, "auto: API key set"
+    return SummarizerName.EXTRACTIVE, "auto: no API key"
+
+
+def build_summarizer(settings: Settings) -> Summarizer:
+    which, reason = choose(settings)
+    primary: Summarizer
+    if which is SummarizerName.GEMINI:
+        try:
+            primary = GeminiSummarizer.from_settings(settings)
+        except (ValueError, GoogleAuthError) as exc:
+            raise SummarizerConfigError(f"gemini summarizer: {exc}") from exc
+    else:
+        primary = ExtractiveSummarizer()
+    fallback = settings.summary_fallback and which is not SummarizerName.EXTRACTIVE
+    log.info(
+        "summarizer_selected",
+        summarizer=which.value,
+        reason=reason,
+        model=settings.gemini_model if which is SummarizerName.GEMINI else None,
+        fallback="extractive" if fallback else None,
+    )
+    if fallback:
+        return FallbackSummarizer(primary, ExtractiveSummarizer())
+    return primary
