@@ -26,9 +26,9 @@ async def archived(pg: asyncpg.Connection, session_id: str) -> list[bytes]:
     return [bytes(r["raw"]) for r in rows]
 
 
-def is_summary(raw: bytes) -> bool:
+def is_summary(raw: bytes | str) -> bool:
     obj = json.loads(raw)
-    return obj["role"] == "system" and obj["content"].startswith("[Summary of the")
+    return bool(obj["role"] == "system" and obj["content"].startswith("[Summary of the"))
 
 
 async def test_archives_every_turn_once_and_keeps_recent_turns_verbatim(
@@ -198,9 +198,12 @@ async def test_two_daemons_at_once_give_the_result_of_one(
         assert await archived(pg, session_id) == turns
         hot = await redis.lrange(a.pattern.key_for(session_id), 0, -1)
         assert is_summary(hot[0]) and hot[1:] == turns[-4:]
-        assert await pg.fetchval(
-            "SELECT count(*) FROM summaries WHERE session_id=$1 AND applied=1", session_id
-        ) == 1
+        assert (
+            await pg.fetchval(
+                "SELECT count(*) FROM summaries WHERE session_id=$1 AND applied=1", session_id
+            )
+            == 1
+        )
     assert not [k async for k in redis.scan_iter(match=f"consolidator:lease:*{prefix}*")]
 
 
@@ -259,7 +262,7 @@ async def test_newest_first_lists_are_consolidated_in_their_own_order(
         await rt.pipeline.consolidate(ref)
     assert await archived(pg, "lpush") == [*written, late]
     hot = await redis.lrange(key, 0, -1)
-    assert hot[-1].startswith(b'{"role":"system"')  # the summary is the oldest element
+    assert is_summary(hot[-1])  # the summary is the oldest element
     assert hot[:-1] == [late, *reversed(written[-3:])]
 
 

@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from worker.archive.retention import prune
 from worker.domain import Candidate, Outcome, SessionRef, Trigger
 from worker.hot.keys import KeyPattern
 from worker.hot.scanner import Probe, probe, scan_keys
@@ -80,6 +81,7 @@ class Daemon:
         self.pattern = pattern
         self.visits = VisitCache()
         self.metrics = pipeline.metrics
+        self._pruned_at: float | None = None  # monotonic time of the last retention run
 
     async def find_work(self) -> list[tuple[Candidate, Probe]]:
         """One full scan: the sessions that need consolidating, most urgent first."""
@@ -104,10 +106,15 @@ class Daemon:
         found.sort(key=lambda cp: (_PRIORITY[cp[0].trigger], _ttl_order(cp[0].ttl_ms)))
         return found
 
-    async def run_once(self, stop: asyncio.Event | None = None) -> list[Outcome]:
+    async def run_once(
+        self,
+        stop: asyncio.Event | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> list[Outcome]:
         work = await self.find_work()
         log.info("scan_done", candidates=len(work))
-        return await self.process(((c.ref, p, c) for c, p in work), stop=stop, options=Options())
+        items = ((c.ref, p, c) for c, p in work)
+        return await self.process(items, stop=stop, options=Options(), on_outcome=on_outcome)
 
     async def process(
         self,
@@ -115,6 +122,7 @@ class Daemon:
         *,
         stop: asyncio.Event | None = None,
         options: Options,
+        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> list[Outcome]:
         """Consolidate sessions with at most `concurrency` at once; stop taking new ones on stop."""
         queue = iter(items)
@@ -124,7 +132,10 @@ class Daemon:
             for ref, p, cand in queue:
                 if stop is not None and stop.is_set():
                     return
-                outcomes.append(await self._one(ref, p, cand, options))
+                outcome = await self._one(ref, p, cand, options)
+                outcomes.append(outcome)
+                if on_outcome is not None:
+                    on_outcome(outcome)
 
         async with asyncio.TaskGroup() as group:
             for i in range(self.settings.concurrency):
@@ -164,6 +175,7 @@ class Daemon:
                 await self.pipeline.redis.ping()
                 self.metrics.ready.set(1)
                 await self.run_once(stop)
+                await self._maybe_prune()
                 backoff = 1.0
                 delay = self.settings.scan_interval_s
             except _TRANSIENT as exc:
@@ -172,6 +184,18 @@ class Daemon:
                 delay, backoff = backoff, min(backoff * 2, 60.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    async def _maybe_prune(self) -> None:
+        """Archive retention (CONSOLIDATOR_RETENTION), at most once an hour."""
+        retention = self.settings.retention
+        now = time.monotonic()
+        if retention is None or (self._pruned_at is not None and now - self._pruned_at < 3600):
+            return
+        self._pruned_at = now
+        try:
+            await prune(self.pipeline.engine, retention)
+        except _TRANSIENT as exc:
+            log.warning("prune_failed", error=repr(exc)[:300])
 
 
 def _ttl_order(ttl_ms: int) -> int:

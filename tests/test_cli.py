@@ -1,0 +1,207 @@
+"""The command line as operators and scripts use it: real processes, real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import asyncpg
+from redis.asyncio import Redis
+
+from tests import agents
+from tests.conftest import REDIS_URL
+from worker.config import Settings
+
+CLI = [sys.executable, "-m", "worker"]
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSOLIDATOR_")}
+    env.pop("GEMINI_API_KEY", None)
+    env.pop("GOOGLE_API_KEY", None)
+    env.update(
+        CONSOLIDATOR_REDIS_URL=REDIS_URL,
+        CONSOLIDATOR_DATABASE_URL=settings.database_url,
+        CONSOLIDATOR_KEY_PATTERN=settings.pattern,
+        CONSOLIDATOR_KEEP_RECENT="4",
+        CONSOLIDATOR_IDLE_AFTER_S="0",
+        CONSOLIDATOR_LOG_FORMAT="json",
+    )
+    env.update(extra)
+    return env
+
+
+async def cli(settings: Settings, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [*CLI, *args],
+        env=env_for(settings, **extra),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_flush_then_history_shows_the_whole_conversation_with_the_summary_marked(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    settings = make_settings()
+    key = settings.pattern.replace("{id}", "cli-1")
+    written = await agents.conversation(redis, key, 9)
+
+    flushed = await cli(settings, "flush", "cli-1")
+    assert flushed.returncode == 0, flushed.stderr
+    assert "9 turns archived" in flushed.stderr
+
+    shown = await cli(settings, "history", "cli-1", "--json")
+    assert shown.returncode == 0, shown.stderr
+    lines = [json.loads(line) for line in shown.stdout.splitlines()]
+    turns = [line for line in lines if line["kind"] == "turn"]
+    assert [t["seq"] for t in turns] == list(range(9))
+    assert [t["text"] for t in turns] == [json.loads(w)["content"] for w in written]
+    summaries = [line for line in lines if line["kind"] == "summary"]
+    assert len(summaries) == 1 and summaries[0]["seq"] == 4  # after the last folded turn
+    assert lines.index(summaries[0]) == 5
+    assert {"session_id", "seq", "role", "text", "kind", "created_at"} <= set(lines[0])
+
+    pretty = await cli(settings, "history", "cli-1")
+    assert "summary through #4" in pretty.stdout and "ORD-1000" in pretty.stdout
+
+
+async def test_flush_dry_run_changes_nothing_and_no_summarize_only_archives(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    key = settings.pattern.replace("{id}", "cli-2")
+    written = await agents.conversation(redis, key, 8)
+
+    dry = await cli(settings, "flush", "cli-2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout.splitlines()[0])
+    assert report["turns_archived"] == 8 and report["turns_folded"] == 4
+    assert await pg.fetchval("SELECT count(*) FROM turns WHERE session_id='cli-2'") == 0
+    assert await redis.lrange(key, 0, -1) == written
+
+    archive_only = await cli(settings, "flush", "cli-2", "--no-summarize")
+    assert archive_only.returncode == 0
+    assert await redis.lrange(key, 0, -1) == written
+    assert await pg.fetchval("SELECT count(*) FROM turns WHERE session_id='cli-2'") == 8
+
+
+async def test_flush_match_and_all_pick_sessions_by_id(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    settings = make_settings()
+    for sid in ("alpha-1", "alpha-2", "beta-1"):
+        await agents.conversation(redis, settings.pattern.replace("{id}", sid), 3)
+    matched = await cli(settings, "flush", "--match", "alpha-*")
+    assert matched.returncode == 0, matched.stderr
+    rows = await pg.fetch("SELECT session_id FROM sessions WHERE session_id LIKE '%-%'")
+    names = {r["session_id"] for r in rows}
+    assert {"alpha-1", "alpha-2"} <= names and "beta-1" not in names
+    everything = await cli(settings, "flush", "--all")
+    assert everything.returncode == 0
+    assert await pg.fetchval("SELECT count(*) FROM turns WHERE session_id='beta-1'") == 3
+
+
+async def test_flush_of_a_bad_session_exits_1_and_stats_shows_it_quarantined(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    settings = make_settings()
+    key = settings.pattern.replace("{id}", "broken")
+    await redis.rpush(key, b'{"role": "user", "content": "fine"}', b"{not json")
+    flushed = await cli(settings, "flush", "broken")
+    assert flushed.returncode == 1
+    assert "quarantined" in flushed.stdout
+    stats = await cli(settings, "stats")
+    assert stats.returncode == 0, stats.stderr
+    assert key in stats.stdout and "undecodable" in stats.stdout
+    assert "consolidator flush" in stats.stdout
+    assert await redis.lrange(key, 0, -1) == [b'{"role": "user", "content": "fine"}', b"{not json"]
+
+
+async def test_usage_and_configuration_errors_exit_2(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    no_target = await cli(settings, "flush")
+    assert no_target.returncode == 2 and "name session ids" in no_target.stderr
+    bad_layout = await cli(settings, "stats", CONSOLIDATOR_LAYOUT="nonsense")
+    assert bad_layout.returncode == 2 and "layout" in bad_layout.stderr
+    bad_pattern = await cli(settings, "stats", CONSOLIDATOR_KEY_PATTERN="no-placeholder")
+    assert bad_pattern.returncode == 2 and "{id}" in bad_pattern.stderr
+
+
+async def test_check_reports_healthy_servers_and_fails_on_a_dead_one(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    healthy = await cli(settings, "check")
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "redis       ok" in healthy.stdout and "postgresql  ok" in healthy.stdout
+    dead = await cli(settings, "check", CONSOLIDATOR_REDIS_URL="redis://127.0.0.1:1/0")
+    assert dead.returncode == 1 and "redis       FAIL" in dead.stdout
+
+
+async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current(
+    make_settings: Callable[..., Settings], database_url: str
+) -> None:
+    name = f"consolidator_cli_{os.getpid()}"
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = database_url.rsplit("/", 1)[0] + f"/{name}"
+        settings = make_settings(database_url=url)
+        refused = await cli(settings, "run", "--once")
+        assert refused.returncode == 2 and "consolidator migrate" in refused.stderr
+        migrated = await cli(settings, "migrate")
+        assert migrated.returncode == 0, migrated.stderr
+        ran = await cli(settings, "run", "--once")
+        assert ran.returncode == 0, ran.stderr
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_sigterm_drains_and_exits_0_within_the_grace_period(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    settings = make_settings()
+    for i in range(40):
+        await agents.conversation(redis, settings.pattern.replace("{id}", f"{prefix}d{i}"), 8)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "run",
+        env=env_for(settings, CONSOLIDATOR_SCAN_INTERVAL_S="0.2", CONSOLIDATOR_DRAIN_GRACE_S="5"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done = await pg.fetchval(
+            "SELECT count(*) FROM sessions WHERE session_id LIKE $1", f"{prefix}%"
+        )
+        if done >= 5:
+            break
+        await asyncio.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err_bytes = await asyncio.wait_for(proc.communicate(), 20)
+    err = err_bytes.decode()
+    assert proc.returncode == 0, err[-2000:]
+    assert time.monotonic() - sent < 5 + 2
+    assert '"daemon_stopped"' in err
+    assert not [k async for k in redis.scan_iter(match=f"consolidator:lease:*{prefix}*")]
+    # Whatever was archived is whole: every archived session holds all 8 turns.
+    counts = await pg.fetch(
+        "SELECT count(*) AS n FROM turns WHERE session_id LIKE $1 GROUP BY session_id",
+        f"{prefix}%",
+    )
+    assert counts and all(r["n"] == 8 for r in counts)
