@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -29,12 +28,14 @@ from worker.summarizers.base import (
     transcript,
 )
 from worker.summarizers.resilience import (
+    BreakerState,
     CircuitBreaker,
     describe,
     is_transient,
     marks_down,
     retry_after_s,
 )
+from worker.summarizers.vertex import vertex_requested
 
 if TYPE_CHECKING:
     from worker.config import Settings
@@ -108,6 +109,10 @@ class GeminiSummarizer:
 
         A built client reads the SDK's own environment (GOOGLE_GEMINI_BASE_URL, the Vertex AI
         variables, GOOGLE_API_KEY/GEMINI_API_KEY); `api_key` is passed only when given.
+        `timeout_s` bounds each attempt; `max_attempts` counts the first one. At most
+        `requests_per_period` requests and `tokens_per_period` estimated tokens (prompt plus
+        `max_output_tokens`) go out per `rate_period_s`, across all concurrent callers.
+        The latency recorded in a SummaryText is the whole call: limiter waits and retries too.
         """
         self._owns_client = client is None
         if client is None:
@@ -152,6 +157,13 @@ class GeminiSummarizer:
     def from_settings(
         cls, settings: Settings, *, http_options: types.HttpOptions | None = None
     ) -> GeminiSummarizer:
+        if settings.gemini_max_output_tokens * 3 < settings.summary_max_chars:
+            # About 3-4 characters a token: summaries of the asked length would be cut short.
+            log.warning(
+                "gemini_output_budget_small",
+                max_output_tokens=settings.gemini_max_output_tokens,
+                summary_max_chars=settings.summary_max_chars,
+            )
         return cls(
             api_key=None if vertex_requested() else settings.model_api_key,
             http_options=http_options,
@@ -179,20 +191,24 @@ class GeminiSummarizer:
         started = time.perf_counter()
         prompt = build_prompt(previous, turns, max_chars)
         if not self.breaker.allow():
-            log.warning("gemini_circuit_open", retry_in_s=round(self.breaker.retry_in_s, 1))
-            raise SummarizerUnavailable("circuit open: the model failed repeatedly")
+            raise SummarizerUnavailable(
+                f"circuit open: the model failed repeatedly, next try in "
+                f"{self.breaker.retry_in_s:.0f}s"
+            )
         try:
             response = await self._generate(prompt)
         except asyncio.CancelledError:
             self.breaker.release()
             raise
         except Exception as exc:
-            if marks_down(exc):
-                self.breaker.record_failure()
-            else:
-                self.breaker.record_success()
             reason = describe(exc)
             log.warning("gemini_call_failed", model=self.model, reason=reason)
+            if not marks_down(exc):
+                self.breaker.record_success()
+            elif self._record_failure() is BreakerState.OPEN:
+                log.warning(
+                    "gemini_circuit_opened", model=self.model, reset_s=self.breaker.reset_timeout_s
+                )
             raise SummarizerUnavailable(f"gemini: {reason}") from exc
         self.breaker.record_success()
         latency_ms = (time.perf_counter() - started) * 1000
@@ -213,6 +229,13 @@ class GeminiSummarizer:
             latency_ms=latency_ms,
             cost_usd=self._cost(tokens_in, tokens_out),
         )
+
+    def _record_failure(self) -> BreakerState | None:
+        """Record a failure; the new state if this failure opened the breaker, else None."""
+        before = self.breaker.state
+        self.breaker.record_failure()
+        after = self.breaker.state
+        return after if after is not before else None
 
     async def count_tokens(self, text: str) -> int:
         """The model's own token count for `text` (one request, no retries)."""
@@ -274,15 +297,6 @@ class GeminiSummarizer:
         if tokens_in is None and tokens_out is None:
             return None
         return ((tokens_in or 0) * self._usd_in + (tokens_out or 0) * self._usd_out) / 1e6
-
-
-def vertex_requested() -> bool:
-    """The SDK's own switch for Vertex AI (or its newer name) is on in the environment."""
-    for name in ("GOOGLE_GENAI_USE_ENTERPRISE", "GOOGLE_GENAI_USE_VERTEXAI"):
-        value = os.environ.get(name)
-        if value is not None:
-            return value.strip().lower() in ("1", "true")
-    return False
 
 
 def _answer_text(response: types.GenerateContentResponse) -> str:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import structlog
-from google.auth.exceptions import GoogleAuthError
 
 from worker.config import Settings, SummarizerName
 from worker.domain import SummaryText, Turn
 from worker.summarizers.base import Summarizer, SummarizerUnavailable, SummaryRejected
 from worker.summarizers.extractive import ExtractiveSummarizer
-from worker.summarizers.gemini import GeminiSummarizer, vertex_requested
+from worker.summarizers.vertex import vertex_requested
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +67,12 @@ def build_summarizer(settings: Settings) -> Summarizer:
     which, reason = choose(settings)
     primary: Summarizer
     if which is SummarizerName.GEMINI:
+        # Imported here: google-genai takes over a second to import, which every command
+        # using the offline summarizer would otherwise pay.
+        from google.auth.exceptions import GoogleAuthError
+
+        from worker.summarizers.gemini import GeminiSummarizer
+
         try:
             primary = GeminiSummarizer.from_settings(settings)
         except (ValueError, GoogleAuthError) as exc:
