@@ -31,17 +31,8 @@ _REPEAT_BONUS = 0.5
 
 # Tool output is verbose and mostly restated by the assistant, but its numbers are often the
 # only record of an amount or id, so only the "soft" part of the score is weighted by role.
-_ROLE_WEIGHT = {
-    "user": 1.0,
-    "human": 1.0,
-    "assistant": 0.9,
-    "ai": 0.9,
-    "model": 0.9,
-    "system": 0.6,
-    "developer": 0.6,
-    "tool": 0.5,
-    "function": 0.5,
-}
+_ROLE_WEIGHT = {"user": 1.0, "human": 1.0, "assistant": 0.9, "ai": 0.9, "model": 0.9}
+_ROLE_WEIGHT |= {"system": 0.6, "developer": 0.6, "tool": 0.5, "function": 0.5}
 
 
 def _wordset(words: str) -> frozenset[str]:
@@ -59,7 +50,7 @@ _FILLER = _wordset(
     "content all anything else s re ll m ve d"
 )
 
-_BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]]*\s+")
+_BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]]*\s+|[。！？]+\s*")
 _BULLET = re.compile(r"^(?:[-*•·‣▪–]|\d{1,3}[.)])\s+")
 _ROLE_PREFIX = re.compile(r"^([^\W\d][\w-]{0,31}):\s+")
 _TOOL_ROLES = frozenset({"tool", "function"})
@@ -107,7 +98,7 @@ def split_sentences(text: str) -> list[str]:
             start = m.end()
         if rest := line[start:].strip():
             out.append(rest)
-    return [s for s in out if s]
+    return out
 
 
 def _clip(text: str, limit: int) -> str:
