@@ -60,7 +60,7 @@ migrate: venv ## apply the database migrations
 	@$(SERVICES_ENV) && $(BIN)/consolidator migrate
 
 test: venv ## the test suite against real Redis and PostgreSQL (extra args: PYTEST_ARGS=...)
-	@$(SERVICES_ENV) && $(BIN)/pytest -q $(PYTEST_ARGS)
+	@$(SERVICES_ENV) && bash scripts/test-adk.sh && $(BIN)/pytest -q $(PYTEST_ARGS)
 
 demo: venv ## the demo: generated sessions, consolidated, queried
 	@$(SERVICES_ENV) && $(BIN)/python scripts/demo.py

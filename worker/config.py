@@ -5,7 +5,9 @@ The TOML file is named by CONSOLIDATOR_CONFIG_FILE; environment variables win ov
 
 from __future__ import annotations
 
+import contextlib
 import os
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from worker.timespec import parse_duration
 
 
 class LayoutName(StrEnum):
@@ -59,6 +63,9 @@ class Settings(BaseSettings):
     key_pattern: str | None = None  # None: the layout's default
     newest_first: bool = False  # the list layout with LPUSH instead of RPUSH
     metadata_pattern: str | None = None  # e.g. "session:{id}", seed 002's HASH beside the history
+    # The agent's own per-session lock (seed 003's "chat:lock:{id}", SET NX with a token): when
+    # set, a rewrite takes it for the instant of the swap, and gives up while the agent holds it.
+    agent_lock_pattern: str | None = None
 
     idle_after_s: float = Field(default=1800.0, ge=0)
     expiry_margin_s: float = Field(default=600.0, ge=0)
@@ -89,6 +96,9 @@ class Settings(BaseSettings):
     summary_fallback: bool = False  # extractive summary when the model fails
     fold_max_tokens: int = Field(default=24_000, ge=100)  # most a single fold sends to the model
 
+    # Archive retention (e.g. "90d"): the daemon prunes what is older, at most once an hour.
+    retention: timedelta | None = None
+
     metrics_port: int | None = None
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
@@ -100,6 +110,27 @@ class Settings(BaseSettings):
         for plain in ("postgresql://", "postgres://"):
             if value.startswith(plain):
                 return "postgresql+asyncpg://" + value[len(plain) :]
+        return value
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention_duration(cls, value: object) -> object:
+        # "90d", "12h" as operators write them; ISO 8601 ("P90D") and seconds work too.
+        if isinstance(value, str) and not value.strip():
+            return None  # CONSOLIDATOR_RETENTION= (empty): keep everything
+        if isinstance(value, str) and value.strip()[0].isdigit():
+            try:
+                return parse_duration(value)
+            except ValueError:
+                with contextlib.suppress(ValueError):
+                    return timedelta(seconds=float(value))
+        return value
+
+    @field_validator("retention")
+    @classmethod
+    def _retention_positive(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("retention must be a positive duration")
         return value
 
     @property

@@ -9,9 +9,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import structlog
 from redis.exceptions import RedisError
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from worker.archive.retention import prune
@@ -82,14 +84,18 @@ class Daemon:
         self.visits = VisitCache()
         self.metrics = pipeline.metrics
         self._pruned_at: float | None = None  # monotonic time of the last retention run
+        self._pruning: asyncio.Task[None] | None = None
+        self._halt: asyncio.Event | None = None  # set to end the current pass early
+        self._outage: BaseException | None = None  # why it ended early
 
     async def find_work(self) -> list[tuple[Candidate, Probe]]:
         """One full scan: the sessions that need consolidating, most urgent first."""
         s = self.settings
         found: list[tuple[Candidate, Probe]] = []
+        started = time.perf_counter()
         async for refs in scan_keys(self.pipeline.redis, self.pattern, s.scan_count):
             self.metrics.sessions_scanned.inc(len(refs))
-            for p in await probe(self.pipeline.redis, refs):
+            for p in await probe(self.pipeline.redis, refs, s.metadata_pattern):
                 trigger = classify(
                     ttl_ms=p.ttl_ms,
                     idle_s=p.idle_s,
@@ -103,6 +109,7 @@ class Daemon:
                 if trigger is not Trigger.EXPIRING and self.visits.unchanged(p):
                     continue
                 found.append((Candidate(p.ref, trigger, p.ttl_ms, p.idle_s), p))
+        self.metrics.scan_seconds.observe(time.perf_counter() - started)
         found.sort(key=lambda cp: (_PRIORITY[cp[0].trigger], _ttl_order(cp[0].ttl_ms)))
         return found
 
@@ -154,6 +161,7 @@ class Daemon:
             log.warning("session_failed", session_id=ref.session_id, error=repr(exc)[:300])
             outcome = Outcome(ref.session_id, "failed", reason=type(exc).__name__)
             self.metrics.sessions.labels(status="failed").inc()
+            await self._note_outage(exc)
         except Exception as exc:
             # A bug must not take the other sessions down with it; it is logged with its trace.
             log.exception("session_crashed", session_id=ref.session_id)
@@ -162,9 +170,10 @@ class Daemon:
         finally:
             self.metrics.in_flight.dec()
         if p is not None and outcome.status not in ("failed", "conflict", "skipped"):
-            self.visits.remember(p, outcome.hot_memory)
-        if cand is not None and cand.trigger is Trigger.EXPIRING and cand.ttl_ms >= 0:
-            self.metrics.expiry_left.observe(cand.ttl_ms / 1000)
+            # A quarantined or empty key is not read (nor reported) again until it changes.
+            unread = outcome.status in ("quarantined", "unchanged")
+            memory = p.size_bytes if unread else outcome.hot_memory
+            self.visits.remember(p, memory)
         return outcome
 
     async def run_forever(self, stop: asyncio.Event) -> None:
@@ -172,10 +181,10 @@ class Daemon:
         backoff = 1.0
         while not stop.is_set():
             try:
-                await self.pipeline.redis.ping()
+                await self._check_tiers()
                 self.metrics.ready.set(1)
-                await self.run_once(stop)
-                await self._maybe_prune()
+                await self._pass(stop)
+                self._maybe_prune()
                 backoff = 1.0
                 delay = self.settings.scan_interval_s
             except _TRANSIENT as exc:
@@ -184,18 +193,65 @@ class Daemon:
                 delay, backoff = backoff, min(backoff * 2, 60.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+        await self._stop_pruning()
 
-    async def _maybe_prune(self) -> None:
-        """Archive retention (CONSOLIDATOR_RETENTION), at most once an hour."""
+    async def _check_tiers(self) -> None:
+        """Return when Redis and PostgreSQL both answer; raise the transient error otherwise."""
+        async with asyncio.timeout(10):
+            await self.pipeline.redis.ping()
+            async with self.pipeline.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+    async def _pass(self, stop: asyncio.Event) -> None:
+        """One pass, cut short when a tier goes away in the middle of it: every session left
+        would fail the same way, so the daemon backs off instead of trying each of them."""
+        halt = asyncio.Event()
+        relay = asyncio.create_task(stop.wait())
+        relay.add_done_callback(lambda _: halt.set())
+        self._halt, self._outage = halt, None
+        try:
+            await self.run_once(halt)
+        finally:
+            relay.cancel()
+            self._halt = None
+        if self._outage is not None:
+            raise self._outage
+
+    async def _note_outage(self, exc: BaseException) -> None:
+        """After a session failed on a transient error: if a tier is away, end the pass.
+        A session that fails on its own (the tiers answer) does not stop the others."""
+        if self._halt is None or self._halt.is_set():
+            return
+        try:
+            await self._check_tiers()
+        except _TRANSIENT:
+            self._outage = exc
+            self._halt.set()
+
+    def _maybe_prune(self) -> None:
+        """Archive retention (CONSOLIDATOR_RETENTION), at most once an hour, beside the passes:
+        a long prune must never hold back sessions that are about to expire."""
         retention = self.settings.retention
         now = time.monotonic()
         if retention is None or (self._pruned_at is not None and now - self._pruned_at < 3600):
             return
+        if self._pruning is not None and not self._pruning.done():
+            return
         self._pruned_at = now
+        self._pruning = asyncio.create_task(self._prune(retention), name="prune")
+
+    async def _prune(self, retention: timedelta) -> None:
         try:
             await prune(self.pipeline.engine, retention)
         except _TRANSIENT as exc:
             log.warning("prune_failed", error=repr(exc)[:300])
+
+    async def _stop_pruning(self) -> None:
+        # Each prune batch is its own transaction: stopping in the middle loses nothing.
+        if self._pruning is not None and not self._pruning.done():
+            self._pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruning
 
 
 def _ttl_order(ttl_ms: int) -> int:

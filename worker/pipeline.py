@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.archive import writer
+from worker.archive.groupcommit import ArchiveRequest, GroupCommit, SummaryRequest
 from worker.config import OnSummaryFailure, Settings
 from worker.domain import Outcome, SessionRef, SummaryText, Turn
 from worker.hot.leases import Lease, claim
 from worker.hot.scripts import Scripts, Swap
 from worker.hot.store import BadKey, HotStore
-from worker.layouts.base import DecodeError, Layout
+from worker.layouts.base import DecodeError, Layout, decode_turns
 from worker.metrics import Metrics
 from worker.policy import align, choose_cut, estimate_tokens
 from worker.summarizers.base import Summarizer, SummarizerUnavailable, SummaryRejected
@@ -51,6 +55,11 @@ class Pipeline:
     summarizer: Summarizer
     metrics: Metrics
 
+    @cached_property
+    def archive(self) -> GroupCommit:
+        """Archive reads and writes, batched with every other session in flight (group commit)."""
+        return GroupCommit(self.engine, observer=self.metrics)
+
     async def consolidate(self, ref: SessionRef, options: Options = Options()) -> Outcome:
         started = time.perf_counter()
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
@@ -75,14 +84,13 @@ class Pipeline:
             return Outcome(ref.session_id, "unchanged", reason="no hot state")
         snap = stored.snapshot
         try:
-            hot_turns = [self.layout.decode(raw) for raw in snap.elements]
+            hot_turns = [_storable(t) for t in decode_turns(self.layout, snap.elements)]
         except DecodeError as bad:
             return await self._quarantine(ref, "undecodable", str(bad), options)
         size_before = sum(len(e) for e in snap.elements)
 
         shas = [t.sha for t in hot_turns]
-        async with self.engine.connect() as conn:
-            state = await writer.read_state(conn, ref.session_id, shas[0], len(shas))
+        state = await self.archive.read_state(ref.session_id, shas[0], len(shas))
         alignment = align(shas, state.turn_count, state.head, state.tail)
         verbatim = hot_turns[alignment.summary_len :]
         new_turns = verbatim[alignment.archived :]
@@ -98,21 +106,21 @@ class Pipeline:
                 bytes_before=size_before,
             )
 
-        async with self.engine.begin() as conn:
-            written = await writer.archive_turns(
-                conn,
+        written = await self.archive.archive(
+            ArchiveRequest(
                 ref,
                 layout=self.layout.name,
                 expected_count=state.turn_count,
                 new_turns=new_turns,
                 gap_reason=alignment.gap_reason,
-                metadata=snap.metadata,
+                metadata=_storable_json(snap.metadata),
             )
-            if written:
-                await writer.release_quarantine(conn, ref.key)
+        )
         if not written:
             return Outcome(ref.session_id, "conflict", reason="archive moved on meanwhile")
         self.metrics.turns_archived.inc(len(new_turns))
+        if snap.ttl_ms >= 0:
+            self.metrics.expiry_left.observe(snap.ttl_ms / 1000)
         archived = Outcome(
             ref.session_id,
             "archived",
@@ -128,6 +136,7 @@ class Pipeline:
             swap = await self.store.evict(stored, lease)
             if swap is Swap.DONE:
                 return replace(archived, status="evicted", turns_kept=0, bytes_after=0)
+            self.metrics.cas_conflicts.inc()
             return replace(archived, status="conflict", reason=f"evict: {swap.name.lower()}")
         cut = self._cut(verbatim)
         if not options.summarize or cut == 0:
@@ -140,26 +149,30 @@ class Pipeline:
         summary = await self._summarize(state.previous_summary, folded, through_seq + 1)
         if summary is None:
             return replace(archived, reason="summary failed; hot state left as it was")
-        elements = self.layout.summary_elements(summary.text, through_seq + 1, datetime.now(UTC))
-        async with self.engine.begin() as conn:
-            summary_id = await writer.record_summary(
-                conn,
+        prefix_len = alignment.summary_len + cut
+        elements = self.layout.summary_elements(
+            summary.text,
+            through_seq + 1,
+            datetime.now(UTC),
+            folded=hot_turns[:prefix_len],
+            kept=hot_turns[prefix_len:],
+        )
+        summary_id = await self.archive.record_summary(
+            SummaryRequest(
                 ref.session_id,
                 from_seq=0,
                 through_seq=through_seq,
                 summary=summary,
                 elements=elements,
             )
-        prefix_len = alignment.summary_len + cut
+        )
         result = await self.store.replace_prefix(stored, lease, prefix_len, elements)
         if result.swap is not Swap.DONE:
             self.metrics.cas_conflicts.inc()
             reason = f"rewrite: {result.swap.name.lower()}"
             return replace(archived, status="conflict", reason=reason)
-        async with self.engine.begin() as conn:
-            await writer.mark_applied(conn, ref.session_id, summary_id)
+        await self.archive.mark_applied(ref.session_id, summary_id)
         size_after = sum(len(e) for e in elements) + sum(len(t.raw) for t in verbatim[cut:])
-        self.metrics.bytes_saved.inc(max(size_before - size_after, 0))
         return replace(
             archived,
             status="consolidated",
@@ -183,12 +196,15 @@ class Pipeline:
         self, previous: str | None, folded: list[Turn], turns_covered: int
     ) -> SummaryText | None:
         try:
-            return await self.summarizer.summarize(
+            summary = await self.summarizer.summarize(
                 previous, folded, self.settings.summary_max_chars
             )
         except (SummarizerUnavailable, SummaryRejected) as exc:
             self.metrics.summary_failures.labels(kind=type(exc).__name__).inc()
             log.warning("summary_failed", error=str(exc), summarizer=self.summarizer.name)
+        else:
+            self.metrics.observe_summary(summary)
+            return summary
         if self.settings.on_summary_failure is OnSummaryFailure.MARKER:
             # Earlier markers are superseded: the count always covers the whole conversation.
             kept = [line for line in (previous or "").splitlines() if not _MARKER.match(line)]
@@ -204,6 +220,27 @@ class Pipeline:
                 await writer.quarantine_session(conn, ref, reason, detail)
         self.metrics.quarantined.labels(reason=reason).inc()
         return Outcome(ref.session_id, "quarantined", reason=f"{reason}: {detail[:300]}")
+
+
+def _storable(turn: Turn) -> Turn:
+    """PostgreSQL text cannot hold NUL: the searchable text and the role get U+FFFD for it,
+    while `raw` (bytea) keeps the exact bytes. Without this, such a turn would fail forever."""
+    if "\x00" not in turn.text and "\x00" not in turn.role:
+        return turn
+    return replace(
+        turn, text=turn.text.replace("\x00", "\ufffd"), role=turn.role.replace("\x00", "\ufffd")
+    )
+
+
+def _storable_json(value: Any) -> Any:
+    """Metadata for a jsonb column, which refuses NUL in strings and keys alike."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, Mapping):
+        return {_storable_json(k): _storable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable_json(v) for v in value]
+    return value
 
 
 def _fields(outcome: Outcome) -> dict[str, object]:

@@ -65,7 +65,12 @@ async def open_runtime(
         layout = layout_for(settings)
         scripts = Scripts(redis)
         store = HotStore(
-            redis, scripts, layout, settings.max_value_bytes, settings.metadata_pattern
+            redis,
+            scripts,
+            layout,
+            settings.max_value_bytes,
+            settings.metadata_pattern,
+            settings.agent_lock_pattern,
         )
         metrics = metrics or Metrics()
         pipeline = Pipeline(settings, redis, scripts, store, layout, engine, chosen, metrics)

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from worker.domain import SessionRef
 from worker.hot.keys import KeyPattern
+from worker.layouts.base import parse_timestamp
 
 log = structlog.get_logger(__name__)
 
@@ -55,22 +56,32 @@ async def scan_keys(
             return
 
 
-async def probe(redis: Redis, refs: list[SessionRef]) -> list[Probe]:
+async def probe(
+    redis: Redis, refs: list[SessionRef], metadata_pattern: str | None = None
+) -> list[Probe]:
     """TTL, idle time and memory of each key. Only commands that do not count as an access
-    (PTTL, OBJECT, MEMORY USAGE): probing must not make a session look active."""
+    (PTTL, OBJECT, MEMORY USAGE): probing must not make a session look active.
+
+    With seed 002's metadata hash configured, its `last_active` is the idle signal where set:
+    the agent's own word, which neither readers of the key nor an LFU policy disturb."""
+    step = 4 if metadata_pattern else 3
     async with redis.pipeline(transaction=False) as pipe:
         for ref in refs:
             pipe.pttl(ref.key)
             pipe.object("idletime", ref.key)
             pipe.memory_usage(ref.key, samples=0)
+            if metadata_pattern:
+                pipe.hget(metadata_pattern.replace("{id}", ref.session_id), "last_active")
         # Errors stay per key: an LFU policy (no idle time) must not hide the rest.
         replies = await pipe.execute(raise_on_error=False)
     now = time.time()
     probes = []
     for i, ref in enumerate(refs):
-        ttl, idle, size = replies[3 * i : 3 * i + 3]
+        ttl, idle, size, *active = replies[step * i : step * i + step]
         if not isinstance(ttl, int) or ttl == -2:
             continue
+        since = _idle_since(active[0], now) if active else None
+        idle = since if since is not None else idle
         probes.append(
             Probe(
                 ref,
@@ -81,3 +92,16 @@ async def probe(redis: Redis, refs: list[SessionRef]) -> list[Probe]:
             )
         )
     return probes
+
+
+def _idle_since(last_active: object, now: float) -> int | None:
+    if isinstance(last_active, bytes):
+        text = last_active.decode("ascii", "replace")
+        try:
+            value: object = float(text)
+        except ValueError:
+            value = text  # ISO 8601
+        stamp = parse_timestamp(value)
+        if stamp is not None:
+            return max(int(now - stamp.timestamp()), 0)
+    return None

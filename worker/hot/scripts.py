@@ -16,6 +16,7 @@ class Swap(enum.IntEnum):
     DONE = 1
     CHANGED = 0
     LEASE_LOST = -1
+    LOCKED = -2  # the agent held its own lock (settings.agent_lock_pattern): not attempted
 
 
 @dataclass(frozen=True, slots=True)

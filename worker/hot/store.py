@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -10,7 +12,7 @@ from redis.asyncio import Redis
 from worker.domain import SessionRef, Snapshot
 from worker.hot.leases import Lease
 from worker.hot.scripts import Scripts, Swap, SwapResult
-from worker.layouts.base import Layout, Storage
+from worker.layouts.base import DecodeError, Layout, Storage
 
 
 class BadKey(Exception):
@@ -36,6 +38,11 @@ class Stored:
 
 
 _TYPE_OF = {Storage.LIST: b"list", Storage.STRING: b"string"}
+# How long the agent's lock is taken for one swap: the agent waits at most this long should this
+# process die holding it.
+_AGENT_LOCK_MS = 2000
+# Whole-value swaps redone on the agent's newer value when it only appended meanwhile.
+_STRING_ATTEMPTS = 3
 
 
 class HotStore:
@@ -46,12 +53,14 @@ class HotStore:
         layout: Layout,
         max_value_bytes: int,
         metadata_pattern: str | None = None,
+        agent_lock_pattern: str | None = None,
     ) -> None:
         self._redis = redis
         self._scripts = scripts
         self._layout = layout
         self._max_bytes = max_value_bytes
         self._metadata_pattern = metadata_pattern
+        self._agent_lock_pattern = agent_lock_pattern
 
     async def read(self, ref: SessionRef) -> Stored | None:
         """The session as it is now, or None when the key does not exist."""
@@ -61,6 +70,8 @@ class HotStore:
             kind, size = await pipe.execute()
         if kind == b"none":
             return None
+        if kind == b"string" and not await self._redis.strlen(ref.key):
+            return None  # an empty value is an empty session: nothing to archive, nothing to lose
         if kind != _TYPE_OF[self._layout.storage]:
             raise BadKey(
                 "wrong_type",
@@ -88,9 +99,12 @@ class HotStore:
             ordered = tuple(reversed(stored)) if self._layout.newest_first else stored
             snap = Snapshot(ref, ordered, ttl_ms, metadata)
             return Stored(snap, None, stored, size)
-        metadata = {**self._layout.value_metadata(data), **metadata}
-        snap = Snapshot(ref, tuple(self._layout.split(data)), ttl_ms, metadata)
-        return Stored(snap, data, (), size)
+        try:
+            metadata = {**self._layout.value_metadata(data), **metadata}
+            elements = tuple(self._layout.split(data))
+        except DecodeError as exc:
+            raise BadKey("undecodable", f"{ref.key}: {exc}") from exc
+        return Stored(Snapshot(ref, elements, ttl_ms, metadata), data, (), size)
 
     def _metadata_key(self, ref: SessionRef) -> str:
         assert self._metadata_pattern is not None
@@ -103,7 +117,11 @@ class HotStore:
         if lease.lost:
             return SwapResult(Swap.LEASE_LOST, 0)
         snap = stored.snapshot
-        if self._layout.storage is Storage.LIST:
+        async with self._agent_lock(snap.ref) as held:
+            if not held:
+                return SwapResult(Swap.LOCKED, 0)
+            if self._layout.storage is Storage.STRING:
+                return await self._swap_value(stored, lease, prefix_len, replacement)
             return await self._scripts.replace_prefix(
                 snap.ref.key,
                 lease.key,
@@ -112,23 +130,76 @@ class HotStore:
                 replacement,
                 newest_first=self._layout.newest_first,
             )
-        assert stored.value is not None
-        new_elements = [*replacement, *snap.elements[prefix_len:]]
-        new_value = self._layout.join(stored.value, new_elements)
-        return await self._scripts.replace_value(
-            snap.ref.key, lease.key, lease.token, stored.value, new_value
-        )
+
+    async def _swap_value(
+        self, stored: Stored, lease: Lease, prefix_len: int, replacement: Sequence[bytes]
+    ) -> SwapResult:
+        """Whole-value compare-and-swap. An agent that wrote meanwhile without touching the folded
+        prefix (it appended a turn) gets the swap redone on its newer value, keeping what it
+        wrote; any other change abandons the rewrite, never overwriting the newer value."""
+        key = stored.snapshot.ref.key
+        value, elements = stored.value, stored.snapshot.elements
+        assert value is not None
+        prefix = elements[:prefix_len]
+        for _ in range(_STRING_ATTEMPTS):
+            new_value = self._layout.join(value, [*replacement, *elements[prefix_len:]])
+            result = await self._scripts.replace_value(
+                key, lease.key, lease.token, value, new_value
+            )
+            if result.swap is not Swap.CHANGED:
+                return result
+            current = await self._redis.get(key)
+            if not isinstance(current, bytes):  # gone
+                return result
+            try:
+                elements = tuple(self._layout.split(current))
+            except DecodeError:
+                return result
+            if elements[:prefix_len] != prefix:
+                return result
+            value = current
+        return result
+
+    @contextlib.asynccontextmanager
+    async def _agent_lock(self, ref: SessionRef) -> AsyncIterator[bool]:
+        """The agent's own lock, when configured, held for the instant of a rewrite: yields
+        False (nothing to do) while the agent holds it.
+
+        Taken with SET NX PX and a token of our own rather than checked inside the swap script:
+        the agent's lock key need not share the session key's hash slot, and one script may only
+        touch keys of one slot in a Redis Cluster. An agent polling for it (seed 003) waits one
+        script call.
+        """
+        if not self._agent_lock_pattern:
+            yield True
+            return
+        lock = self._agent_lock_pattern.replace("{id}", ref.session_id)
+        token = uuid.uuid4().hex
+        if not await self._redis.set(lock, token, nx=True, px=_AGENT_LOCK_MS):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            await self._scripts.release(lock, token)  # compare-and-delete: only our own
 
     async def evict(self, stored: Stored, lease: Lease) -> Swap:
         """Delete the hot state, only if it is still exactly what was archived."""
         if lease.lost:
             return Swap.LEASE_LOST
         key = stored.snapshot.ref.key
-        if self._layout.storage is Storage.LIST:
-            return await self._scripts.delete_list(key, lease.key, lease.token, stored.stored_order)
-        assert stored.value is not None
-        result = await self._scripts.replace_value(key, lease.key, lease.token, stored.value, None)
-        return result.swap
+        async with self._agent_lock(stored.snapshot.ref) as held:
+            if not held:
+                return Swap.LOCKED
+            if self._layout.storage is Storage.LIST:
+                return await self._scripts.delete_list(
+                    key, lease.key, lease.token, stored.stored_order
+                )
+            assert stored.value is not None
+            result = await self._scripts.replace_value(
+                key, lease.key, lease.token, stored.value, None
+            )
+            return result.swap
 
 
 def _decode_hash(raw: dict[bytes, bytes]) -> dict[str, str]:

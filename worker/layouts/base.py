@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections import Counter, defaultdict, deque
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -30,8 +32,22 @@ class Layout(Protocol):
         """One stored element as a turn; raises DecodeError."""
         ...
 
-    def summary_elements(self, text: str, turns_covered: int, now: datetime) -> list[bytes]:
-        """The element(s), in conversation order, that stand for the folded turns."""
+    def summary_elements(
+        self,
+        text: str,
+        turns_covered: int,
+        now: datetime,
+        *,
+        folded: Sequence[Turn] = (),
+        kept: Sequence[Turn] = (),
+    ) -> list[bytes]:
+        """The element(s), in conversation order, that stand for the folded turns.
+
+        `folded` (an earlier summary included) and `kept` are the turns on either side of the
+        cut, when known. Layouts whose agent re-serializes the whole value read them to write
+        the summary exactly as the agent would (so it is still recognised after the agent's
+        next write), and ADK to date the summary before the kept events.
+        """
         ...
 
     def split(self, value: bytes) -> list[bytes]:
@@ -104,3 +120,53 @@ def text_of(content: object) -> str:
     if isinstance(content, dict):
         return text_of(content.get("text") or content.get("parts"))
     return str(content)
+
+
+# Tool calls and results that carry no id (Gemini's function calls usually do not) are paired by
+# tool name, in order, which needs the whole conversation: `decode` marks them with
+# `unpaired_id`, and `decode_turns` gives each pair one id.
+_UNPAIRED = "\x00"
+
+
+def unpaired_id(name: str, index: int) -> str:
+    """The `index`-th call (or result) without an id of tool `name` within one element."""
+    return f"{_UNPAIRED}{name}{_UNPAIRED}{index}"
+
+
+def decode_turns(layout: Layout, elements: Sequence[bytes]) -> list[Turn]:
+    """Every element as a turn (DecodeError), calls without ids paired with their results."""
+    open_calls: defaultdict[str, deque[str]] = defaultdict(deque)
+    issued: Counter[str] = Counter()
+    turns = []
+    for raw in elements:
+        turn = layout.decode(raw)
+        if any(i.startswith(_UNPAIRED) for i in turn.tool_calls | turn.tool_results):
+            calls = set()
+            for cid in sorted(turn.tool_calls, key=_position):
+                if cid.startswith(_UNPAIRED):
+                    name = _tool_name(cid)
+                    cid = f"{_UNPAIRED}{name}#{issued[name]}"
+                    issued[name] += 1
+                    open_calls[name].append(cid)
+                calls.add(cid)
+            results = set()
+            for rid in sorted(turn.tool_results, key=_position):
+                if rid.startswith(_UNPAIRED):
+                    name = _tool_name(rid)
+                    # A result with no call before it answers nothing the cut must keep.
+                    pending = open_calls[name]
+                    rid = pending.popleft() if pending else f"{_UNPAIRED}{name}#unmatched"
+                results.add(rid)
+            turn = replace(turn, tool_calls=frozenset(calls), tool_results=frozenset(results))
+        turns.append(turn)
+    return turns
+
+
+def _tool_name(marker: str) -> str:
+    return marker[1:].rpartition(_UNPAIRED)[0]
+
+
+def _position(tool_id: str) -> tuple[int, str]:
+    if tool_id.startswith(_UNPAIRED):
+        return int(tool_id.rpartition(_UNPAIRED)[2]), tool_id
+    return -1, tool_id

@@ -46,7 +46,15 @@ class ListLayout:
             tool_results=results,
         )
 
-    def summary_elements(self, text: str, turns_covered: int, now: datetime) -> list[bytes]:
+    def summary_elements(
+        self,
+        text: str,
+        turns_covered: int,
+        now: datetime,
+        *,
+        folded: Sequence[Turn] = (),
+        kept: Sequence[Turn] = (),
+    ) -> list[bytes]:
         content = f"[Summary of the {turns_covered} earlier turns]\n{text}"
         return [orjson.dumps({"role": "system", "content": content, "timestamp": now.timestamp()})]
 
