@@ -1,10 +1,23 @@
-"""Prometheus metrics. One registry per process, made by the runtime (tests make their own)."""
+"""Prometheus metrics. One registry per process, made by the runtime (tests make their own).
+
+Everything an operator of the fleet asks of a sidecar: how much it scans and how long a full scan
+takes, what happened to each session (consolidated, skipped, quarantined, failed...), turns
+archived, bytes and tokens taken out of the hot tier, the model's latency, tokens and errors,
+compare-and-swap conflicts with the agents, how close to expiry sessions were when they were
+archived, and how well the archive's group commit is batching.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from worker.domain import Outcome
+from worker.domain import Outcome, SummaryText
+from worker.policy import estimate_tokens
+
+# Seconds: a local summarizer answers in milliseconds, a model in about a second, a slow one in
+# tens of seconds (its timeout).
+_MODEL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
@@ -14,8 +27,18 @@ class Metrics:
         self.sessions_scanned = Counter(
             "consolidator_sessions_scanned", "Session keys seen by the scanner", registry=r
         )
+        self.scan_seconds = Histogram(
+            "consolidator_scan_seconds",
+            "Time of one full scan of the keyspace for work (SCAN and probes)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
         self.sessions = Counter(
-            "consolidator_sessions", "Sessions handled, by outcome", ["status"], registry=r
+            "consolidator_sessions",
+            "Sessions handled, by outcome (consolidated, archived, unchanged, skipped, "
+            "conflict, quarantined, evicted, failed)",
+            ["status"],
+            registry=r,
         )
         self.turns_archived = Counter(
             "consolidator_turns_archived", "Turns written to the archive", registry=r
@@ -25,7 +48,7 @@ class Metrics:
         )
         self.tokens_saved = Counter(
             "consolidator_hot_tokens_saved",
-            "Estimated tokens removed from the hot tier",
+            "Estimated tokens removed from the hot tier (what the agents no longer re-send)",
             registry=r,
         )
         self.quarantined = Counter(
@@ -33,12 +56,34 @@ class Metrics:
         )
         self.cas_conflicts = Counter(
             "consolidator_cas_conflicts",
-            "Rewrites abandoned because the agent changed the prefix",
+            "Rewrites abandoned because the agent changed the hot state meanwhile",
             registry=r,
+        )
+        self.summaries = Counter(
+            "consolidator_summaries",
+            "Summaries written, by the summarizer that wrote them",
+            ["summarizer"],
+            registry=r,
+        )
+        self.model_latency = Histogram(
+            "consolidator_model_latency_seconds",
+            "Time the summarizer took for one summary, retries included",
+            ["summarizer"],
+            buckets=_MODEL_BUCKETS,
+            registry=r,
+        )
+        self.model_tokens = Counter(
+            "consolidator_model_tokens",
+            "Tokens the model read (in) and wrote (out), as it reported them",
+            ["direction"],
+            registry=r,
+        )
+        self.model_cost = Counter(
+            "consolidator_model_cost_usd", "Estimated cost of the model's summaries", registry=r
         )
         self.summary_failures = Counter(
             "consolidator_summary_failures",
-            "Summaries that failed or were rejected",
+            "Summaries that failed (model unavailable, errors) or were rejected",
             ["kind"],
             registry=r,
         )
@@ -47,8 +92,27 @@ class Metrics:
         )
         self.expiry_left = Histogram(
             "consolidator_seconds_left_at_flush",
-            "Seconds before the key would have expired, when it was consolidated",
+            "Seconds before the key would have expired, when its turns were archived",
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 86400),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "consolidator_archive_batch_size",
+            "Requests carried by one archive round trip (group commit), by kind",
+            ["kind"],
+            buckets=_BATCH_SIZES,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "consolidator_archive_batch_seconds",
+            "Time of one batched archive read or write transaction, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.batch_fallbacks = Counter(
+            "consolidator_archive_batch_fallbacks",
+            "Batches that failed and were retried one session at a time",
+            ["kind"],
             registry=r,
         )
         self.in_flight = Gauge(
@@ -61,4 +125,23 @@ class Metrics:
         self.session_seconds.observe(outcome.duration_ms / 1000)
         saved = max(outcome.bytes_before - outcome.bytes_after, 0)
         if saved:
-            self.tokens_saved.inc(saved // 4)
+            self.bytes_saved.inc(saved)
+            self.tokens_saved.inc(estimate_tokens(saved))
+
+    def observe_summary(self, summary: SummaryText) -> None:
+        """The summarizer's answer: who wrote it, how long it took, what it cost."""
+        self.summaries.labels(summarizer=summary.summarizer).inc()
+        self.model_latency.labels(summarizer=summary.summarizer).observe(summary.latency_ms / 1000)
+        if summary.tokens_in:
+            self.model_tokens.labels(direction="in").inc(summary.tokens_in)
+        if summary.tokens_out:
+            self.model_tokens.labels(direction="out").inc(summary.tokens_out)
+        if summary.cost_usd:
+            self.model_cost.inc(summary.cost_usd)
+
+    def batch(self, kind: str, size: int, seconds: float, fell_back: bool) -> None:
+        """One group-commit round trip to the archive (worker.archive.groupcommit)."""
+        self.batch_size.labels(kind=kind).observe(size)
+        self.batch_seconds.labels(kind=kind).observe(seconds)
+        if fell_back:
+            self.batch_fallbacks.labels(kind=kind).inc()

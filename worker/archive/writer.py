@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import BigInteger, any_, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -174,11 +175,21 @@ async def record_summary(
     return int(row.scalar_one())
 
 
-async def mark_applied(conn: AsyncConnection, session_id: str, summary_id: int) -> None:
-    await conn.execute(update(summaries).where(summaries.c.id == summary_id).values(applied=1))
+async def mark_applied(conn: AsyncConnection, applied: Sequence[tuple[str, int]]) -> None:
+    """Record that summaries are in Redis: `(session_id, summary_id)` pairs, any number."""
+    if not applied:
+        return
+    ids = sorted(summary_id for _, summary_id in applied)
+    done = (
+        update(summaries)
+        .where(summaries.c.id == any_(bindparam("ids", ids, type_=ARRAY(BigInteger))))
+        .values(applied=1)
+        .returning(summaries.c.session_id)
+        .cte("done")
+    )
     await conn.execute(
         update(sessions)
-        .where(sessions.c.session_id == session_id)
+        .where(sessions.c.session_id.in_(select(done.c.session_id)))
         .values(last_consolidated=func.now())
     )
 
