@@ -10,6 +10,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Annotated, TypeVar
 
 import orjson
@@ -19,6 +20,9 @@ from pydantic import ValidationError
 from worker import logs
 from worker.config import Settings
 from worker.hot.keys import PatternError
+from worker.layouts.registry import UnknownLayout
+from worker.summarizers.select import SummarizerConfigError
+from worker.timespec import parse_duration, parse_instant
 
 T = TypeVar("T")
 
@@ -53,7 +57,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
-    except PatternError as exc:
+    except (PatternError, SummarizerConfigError, UnknownLayout) as exc:
         _usage_error(str(exc))
         raise  # unreachable: _usage_error exits
 
@@ -145,6 +149,121 @@ def stats(
 
     settings = _settings()
     raise typer.Exit(_run(lambda: stats_main(settings, as_json=json)))
+
+
+def _instant(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_instant(value)
+    except ValueError as exc:
+        _usage_error(f"{option}: {exc}")
+        raise  # unreachable: _usage_error exits
+
+
+@app.command()
+def search(
+    text: Annotated[str, typer.Argument(help='Words, "a phrase", or, -excluded.')],
+    session: Annotated[str | None, typer.Option("--session", help="Only this session.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's sessions.")] = None,
+    role: Annotated[str | None, typer.Option("--role", help="Only turns of this role.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="From this time (ISO 8601, or an age: 7d).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Before this time (ISO 8601, or an age).")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Hits per page (1-1000).")] = 20,
+    after: Annotated[
+        str | None, typer.Option("--after", help="The cursor a previous page ended with.")
+    ] = None,
+    json: Annotated[
+        bool, typer.Option("--json", help="JSON Lines: one hit a line, then the cursor.")
+    ] = False,
+) -> None:
+    """Full-text search over archived turns, best match first."""
+    from worker.archive.search import MAX_LIMIT
+    from worker.commands import search_main
+
+    if not 1 <= limit <= MAX_LIMIT:
+        _usage_error(f"search: --limit must be between 1 and {MAX_LIMIT}")
+    start, end = _instant(since, "--since"), _instant(until, "--until")
+    settings = _settings()
+    code = _run(
+        lambda: search_main(
+            settings,
+            text,
+            session_id=session,
+            user_id=user,
+            role=role,
+            since=start,
+            until=end,
+            limit=limit,
+            after=after,
+            as_json=json,
+        )
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def restore(
+    session_id: Annotated[str, typer.Argument(help="The session id.")],
+    turns: Annotated[
+        int | None,
+        typer.Option("--turns", help="Recent turns to put back (default: keep_recent)."),
+    ] = None,
+    ttl: Annotated[int, typer.Option("--ttl", help="Expiry of the restored key, seconds.")] = 86400,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the session's live state if it has any.")
+    ] = False,
+) -> None:
+    """Put an archived session back into Redis: its latest summary and last turns."""
+    from worker.commands import restore_main
+
+    if turns is not None and turns < 0:
+        _usage_error("restore: --turns cannot be negative")
+    if ttl < 1:
+        _usage_error("restore: --ttl must be at least 1 second")
+    settings = _settings()
+    count = settings.keep_recent if turns is None else turns
+    raise typer.Exit(
+        _run(lambda: restore_main(settings, session_id, turns=count, ttl_s=ttl, force=force))
+    )
+
+
+@app.command()
+def forget(
+    session_id: Annotated[str | None, typer.Argument(help="The session id.")] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="Every session of this user instead.")
+    ] = None,
+) -> None:
+    """Erase a session (or a user's sessions) from Redis and the archive, leaving an audit row."""
+    from worker.commands import forget_main
+
+    if (session_id is None) == (user is None):
+        _usage_error("forget: name a session id, or --user ID (not both)")
+    settings = _settings()
+    raise typer.Exit(_run(lambda: forget_main(settings, session_id=session_id, user_id=user)))
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Retention, e.g. 90d, 12h, 1h30m.")
+    ],
+) -> None:
+    """Delete archived data older than the retention (idle sessions, folded turns)."""
+    from worker.commands import prune_main
+
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        _usage_error(f"prune: --older-than: {exc}")
+        raise  # unreachable: _usage_error exits
+    settings = _settings()
+    raise typer.Exit(_run(lambda: prune_main(settings, age)))
 
 
 def _install_signals(stop: asyncio.Event) -> None:

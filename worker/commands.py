@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import asdict
+from datetime import datetime, timedelta
 
 import orjson
 import structlog
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.archive.reader import ArchiveReader
 from worker.archive.schema import SchemaOutdated, current_revision, ensure_current, head_revision
+from worker.archive.search import DEFAULT_MARKS
 from worker.config import Settings
 from worker.domain import Outcome, SessionRef
 from worker.hot.keys import KeyPattern
 from worker.hot.scanner import probe, scan_keys
 from worker.pipeline import Options
 from worker.policy import classify
-from worker.runtime import Runtime, open_runtime
+from worker.runtime import Runtime, database_engine, open_runtime, redis_client
 
 log = structlog.get_logger(__name__)
 FAILED = ("failed", "quarantined", "conflict", "skipped")
@@ -281,7 +289,8 @@ async def stats_main(settings: Settings, *, as_json: bool) -> int:
         cold = await reader.counts()
         quarantined = await reader.quarantined()
     if as_json:
-        _out({"hot": hot, "cold": cold, "quarantined": [q.__repr__() for q in quarantined]})
+        listed = [{**asdict(q), "retry": _retry_command(q.session_id)} for q in quarantined]
+        _out({"hot": hot, "cold": cold, "quarantined": listed})
         return 0
     print(
         f"hot   {hot['sessions']} sessions, {hot['bytes']} bytes, {hot['pending']} pending "
@@ -293,7 +302,186 @@ async def stats_main(settings: Settings, *, as_json: bool) -> int:
     )
     print(f"quarantined {cold['quarantined']}")
     for q in quarantined:
-        print(f"  {q.redis_key}  {q.reason}: {q.detail[:120]}  (attempts {q.attempts})")
+        detail = " ".join(q.detail.split())[:120]
+        print(f"  {q.redis_key}  {q.reason}: {detail}  (attempts {q.attempts})")
+        print(f"    retry: {_retry_command(q.session_id)}")
     if quarantined:
-        print("  retry one with: consolidator flush <session id>")
+        print("  fix the key in Redis, then retry: the session leaves quarantine once it reads")
+    return 0
+
+
+def _retry_command(session_id: str) -> str:
+    return f"consolidator flush {shlex.quote(session_id)}"
+
+
+# --- The archive as a product: search, restore, forget, prune -------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _archive_clients(settings: Settings) -> AsyncIterator[tuple[Redis, AsyncEngine] | None]:
+    """Redis and the database only (no summarizer, no layout): what the archive commands need.
+    Yields None, having said why, when the schema is not current."""
+    redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+    engine = database_engine(settings.database_url, 2, settings.database_timeout_s)
+    try:
+        try:
+            await ensure_current(engine, settings.database_url)
+        except SchemaOutdated as exc:
+            print(f"consolidator: {exc}", file=sys.stderr)
+            yield None
+        else:
+            yield redis, engine
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+
+
+_MARK_ON, _MARK_OFF = "\x02", "\x03"  # highlight marks on a terminal, turned into styles
+
+
+async def search_main(
+    settings: Settings,
+    text_query: str,
+    *,
+    session_id: str | None,
+    user_id: str | None,
+    role: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    after: str | None,
+    as_json: bool,
+) -> int:
+    from worker.archive.search import BadCursor, EmptyQuery
+
+    async with _archive_clients(settings) as clients:
+        if clients is None:
+            return 2
+        reader = ArchiveReader(clients[1])
+        try:
+            page = await reader.search(
+                text_query,
+                session_id=session_id,
+                user_id=user_id,
+                role=role,
+                since=since,
+                until=until,
+                limit=limit,
+                after=after,
+                marks=DEFAULT_MARKS if as_json else (_MARK_ON, _MARK_OFF),
+            )
+        except (EmptyQuery, BadCursor) as exc:
+            print(f"consolidator: search: {exc}", file=sys.stderr)
+            return 2
+    if as_json:
+        for hit in page.hits:
+            _out(hit.as_json())
+        _out({"cursor": page.cursor})
+        return 0
+    console = Console(highlight=False)
+    for hit in page.hits:
+        when = hit.created_at.strftime("%Y-%m-%d %H:%M") if hit.created_at else ""
+        console.print(
+            f"[bold]{escape(hit.session_id)}[/] [dim]#{hit.seq} {when}[/] "
+            f"[cyan]{escape(hit.role)}[/] [dim]rank {hit.rank:.3f}[/]"
+        )
+        console.print(_highlighted(hit.snippet))
+    if not page.hits:
+        print("no matches", file=sys.stderr)
+    elif page.cursor:
+        print(f"more: add --after {page.cursor}", file=sys.stderr)
+    return 0
+
+
+def _highlighted(snippet: str) -> Text:
+    """The snippet with its matches styled; the turn's own text is never read as markup."""
+    out = Text("  ")
+    for i, part in enumerate(snippet.replace("\n", " ").split(_MARK_ON)):
+        word, sep, rest = part.partition(_MARK_OFF)
+        if i and sep:
+            out.append(word, style="bold yellow")
+            out.append(rest)
+        else:
+            out.append(part.replace(_MARK_OFF, ""))
+    return out
+
+
+async def restore_main(
+    settings: Settings, session_id: str, *, turns: int, ttl_s: int, force: bool
+) -> int:
+    from worker.hot.exclusive import LeaseBusy
+    from worker.restore import RestoreError, RestoreStatus, restore
+
+    async with _archive_clients(settings) as clients:
+        if clients is None:
+            return 2
+        redis, engine = clients
+        try:
+            result = await restore(
+                redis, engine, settings, session_id, turns=turns, ttl_s=ttl_s, force=force
+            )
+        except (RestoreError, LeaseBusy) as exc:
+            print(f"consolidator: restore: {exc}", file=sys.stderr)
+            return 1
+    if result.status is RestoreStatus.NOTHING:
+        print(f"consolidator: nothing archived for session {session_id!r}", file=sys.stderr)
+        return 1
+    if result.status is RestoreStatus.REFUSED:
+        print(f"consolidator: restore refused: {result.key}: {result.reason}", file=sys.stderr)
+        return 1
+    parts = []
+    if result.summary_through is not None:
+        parts.append(f"summary of turns #0-#{result.summary_through}")
+    if result.turns and result.first_seq is not None:
+        parts.append(f"{result.turns} turns from #{result.first_seq}")
+    print(f"restored {session_id} into {result.key}: {' + '.join(parts)}; TTL {result.ttl_s}s")
+    if result.left_out:
+        print(
+            f"note: {result.left_out} archived turns lie between the summary and the restored "
+            "turns and are in neither; raise --turns to include them",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def forget_main(settings: Settings, *, session_id: str | None, user_id: str | None) -> int:
+    from worker.archive.erase import forget_session, forget_user
+    from worker.hot.exclusive import LeaseBusy
+
+    async with _archive_clients(settings) as clients:
+        if clients is None:
+            return 2
+        redis, engine = clients
+        try:
+            if user_id is not None:
+                counts = await forget_user(redis, engine, settings, user_id)
+            else:
+                assert session_id is not None
+                counts = await forget_session(redis, engine, settings, session_id)
+        except LeaseBusy as exc:
+            print(f"consolidator: forget: {exc}", file=sys.stderr)
+            return 1
+    subject = f"user {user_id}" if user_id is not None else f"session {session_id}"
+    print(
+        f"erased {subject}: {counts.sessions} sessions, {counts.turns} turns, "
+        f"{counts.summaries} summaries, {counts.gaps} gaps, {counts.quarantine} quarantine "
+        f"records, {counts.hot_keys} hot keys"
+    )
+    return 0
+
+
+async def prune_main(settings: Settings, older_than: timedelta) -> int:
+    from worker.archive.retention import prune
+
+    async with _archive_clients(settings) as clients:
+        if clients is None:
+            return 2
+        result = await prune(clients[1], older_than)
+    if result.skipped:
+        print("consolidator: prune: another process is pruning; nothing done", file=sys.stderr)
+        return 1
+    print(
+        f"pruned {result.sessions} sessions, {result.turns} turns, {result.summaries} "
+        f"summaries, {result.gaps} gaps, {result.quarantine} quarantine records"
+    )
     return 0

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+    # Per command (Redis) and per statement or connection attempt (PostgreSQL): behind a
+    # network partition a call fails after this long instead of hanging, holding its lease.
+    redis_timeout_s: float = Field(default=10.0, gt=0)
+    database_timeout_s: float = Field(default=30.0, gt=0)
 
     layout: LayoutName = LayoutName.LIST
     key_pattern: str | None = None  # None: the layout's default
@@ -72,7 +76,7 @@ class Settings(BaseSettings):
     keep_recent: int = Field(default=10, ge=0)
     max_hot_tokens: int = Field(default=8000, ge=1)
     scan_interval_s: float = Field(default=30.0, gt=0)
-    scan_count: int = Field(default=1000, ge=10)
+    scan_count: int = Field(default=2000, ge=10)  # SCAN COUNT: fewer, cheaper full scans
     concurrency: int = Field(default=16, ge=1)
     lease_ttl_s: float = Field(default=60.0, gt=0)
     drain_grace_s: float = Field(default=20.0, ge=0)

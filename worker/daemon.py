@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from worker.archive.retention import prune
 from worker.domain import Candidate, Outcome, SessionRef, Trigger
 from worker.hot.keys import KeyPattern
-from worker.hot.scanner import Probe, probe, scan_keys
+from worker.hot.scanner import Probe, scan_and_probe
 from worker.pipeline import Options, Pipeline
 from worker.policy import classify
 
@@ -93,9 +93,10 @@ class Daemon:
         s = self.settings
         found: list[tuple[Candidate, Probe]] = []
         started = time.perf_counter()
-        async for refs in scan_keys(self.pipeline.redis, self.pattern, s.scan_count):
-            self.metrics.sessions_scanned.inc(len(refs))
-            for p in await probe(self.pipeline.redis, refs, s.metadata_pattern):
+        redis = self.pipeline.redis
+        async for probes in scan_and_probe(redis, self.pattern, s.scan_count, s.metadata_pattern):
+            self.metrics.sessions_scanned.inc(len(probes))
+            for p in probes:
                 trigger = classify(
                     ttl_ms=p.ttl_ms,
                     idle_s=p.idle_s,

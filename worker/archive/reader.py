@@ -6,11 +6,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, literal, select, union_all
+from sqlalchemy import func, literal, literal_column, select, union_all
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from worker.archive.search import DEFAULT_MARKS, SearchPage, SearchQuery
+from worker.archive.search import search as run_search
 from worker.archive.tables import gaps, quarantine, sessions, summaries, turns
 from worker.domain import Kind
+
+# The `summarizer` of a summary row `restore` recorded (worker.restore): a copy, not a new one.
+RESTORED_SUMMARY = "restore"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +53,49 @@ class QuarantinedKey:
     last_seen: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """An archived session's bookkeeping."""
+
+    session_id: str
+    redis_key: str
+    layout: str
+    app_name: str | None
+    user_id: str | None
+    agent_id: str | None
+    turn_count: int
+    first_seen: datetime
+    last_seen: datetime
+    last_consolidated: datetime | None
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRecord:
+    """A summary with its provenance: the turns it covers and what made it."""
+
+    id: int
+    session_id: str
+    from_seq: int
+    through_seq: int
+    text: str
+    applied: bool
+    summarizer: str
+    model: str | None
+    model_version: str | None
+    tokens_in: int | None
+    tokens_out: int | None
+    latency_ms: float | None
+    cost_usd: float | None
+    created_at: datetime
+
+
 class ArchiveReader:
+    """Read-only queries over the archive, for applications and the command line.
+
+    `history`, `search`, `summaries`, `session` and `sessions_of_user` are the stable API.
+    """
+
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
@@ -74,7 +121,12 @@ class ArchiveReader:
                         summaries.c.tokens_in,
                         summaries.c.tokens_out,
                     )
-                    .where(summaries.c.session_id == session_id, summaries.c.applied == 1)
+                    .where(
+                        summaries.c.session_id == session_id,
+                        summaries.c.applied == 1,
+                        # A restore writes an earlier summary again: not a new one to show.
+                        summaries.c.summarizer != RESTORED_SUMMARY,
+                    )
                     .order_by(summaries.c.id)
                 )
             ).all()
@@ -114,7 +166,7 @@ class ArchiveReader:
             size = (
                 await conn.execute(
                     select(
-                        func.pg_total_relation_size("turns")
+                        _TURNS_BYTES
                         + func.pg_total_relation_size("summaries")
                         + func.pg_total_relation_size("sessions")
                     )
@@ -141,3 +193,92 @@ class ArchiveReader:
                 )
             ).all()
         return [QuarantinedKey(*row) for row in rows]
+
+    async def search(
+        self,
+        text: str,
+        *,
+        session_id: str | None = None,
+        user_id: str | None = None,
+        role: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 20,
+        after: str | None = None,
+        marks: tuple[str, str] = DEFAULT_MARKS,
+    ) -> SearchPage:
+        """Turns matching `text` (web search syntax: "a phrase", or, -not), best first.
+
+        Pass the returned page's `cursor` as `after` for the next page. Raises EmptyQuery when
+        `text` has no searchable word, BadCursor for a cursor this function did not make.
+        """
+        query = SearchQuery(text, session_id, user_id, role, since, until, limit, after, marks)
+        async with self._engine.connect() as conn:
+            return await run_search(conn, query)
+
+    async def summaries(self, session_id: str, *, applied_only: bool = True) -> list[SummaryRecord]:
+        """The session's summaries, oldest first; by default only those written to Redis."""
+        stmt = select(
+            summaries.c.id,
+            summaries.c.session_id,
+            summaries.c.from_seq,
+            summaries.c.through_seq,
+            summaries.c.text,
+            summaries.c.applied,
+            summaries.c.summarizer,
+            summaries.c.model,
+            summaries.c.model_version,
+            summaries.c.tokens_in,
+            summaries.c.tokens_out,
+            summaries.c.latency_ms,
+            summaries.c.cost_usd,
+            summaries.c.created_at,
+        ).where(summaries.c.session_id == session_id)
+        if applied_only:
+            stmt = stmt.where(summaries.c.applied == 1)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt.order_by(summaries.c.id))).all()
+        return [SummaryRecord(**{**row._asdict(), "applied": bool(row.applied)}) for row in rows]
+
+    async def session(self, session_id: str) -> SessionInfo | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(*_SESSION_COLUMNS).where(sessions.c.session_id == session_id)
+                )
+            ).first()
+        return SessionInfo(**row._asdict()) if row is not None else None
+
+    async def sessions_of_user(self, user_id: str) -> list[SessionInfo]:
+        """The user's archived sessions, most recently active first."""
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(*_SESSION_COLUMNS)
+                    .where(sessions.c.user_id == user_id)
+                    .order_by(sessions.c.last_seen.desc(), sessions.c.session_id)
+                )
+            ).all()
+        return [SessionInfo(**row._asdict()) for row in rows]
+
+
+# `turns` is partitioned (migration 0002): the parent has no storage of its own.
+_TURNS_BYTES = (
+    select(func.coalesce(func.sum(func.pg_total_relation_size(literal_column("relid"))), 0))
+    .select_from(func.pg_partition_tree("turns"))
+    .scalar_subquery()
+)
+
+_SESSION_COLUMNS = (
+    sessions.c.session_id,
+    sessions.c.redis_key,
+    sessions.c.layout,
+    sessions.c.app_name,
+    sessions.c.user_id,
+    sessions.c.agent_id,
+    sessions.c.turn_count,
+    sessions.c.first_seen,
+    sessions.c.last_seen,
+    sessions.c.last_consolidated,
+    sessions.c.metadata,
+)

@@ -1,0 +1,179 @@
+"""Erasing a session or a user from both tiers, leaving an audit row without content.
+
+Order matters. The sessions' leases are taken first, so no consolidation can archive their turns
+again between the two tiers. The hot keys go next: if the database step then fails, running the
+command again finishes the job, whereas the other order would leave hot state that the next pass
+archives all over again. The database side is one transaction, audit row included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+
+from redis.asyncio import Redis
+from sqlalchemy import ColumnElement, Executable, delete, insert, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from worker.archive.tables import erasures, gaps, quarantine, sessions, summaries, turns
+from worker.config import Settings
+from worker.domain import SessionRef
+from worker.hot.exclusive import holding
+from worker.hot.keys import KeyPattern
+from worker.hot.scanner import scan_keys
+
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureCounts:
+    sessions: int = 0
+    turns: int = 0
+    summaries: int = 0
+    gaps: int = 0
+    quarantine: int = 0
+    hot_keys: int = 0
+
+    def as_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def subject_digest(subject_id: str) -> str:
+    """How the audit names a subject: anyone holding the id can check it was erased."""
+    return hashlib.sha256(subject_id.encode()).hexdigest()
+
+
+async def forget_session(
+    redis: Redis, engine: AsyncEngine, settings: Settings, session_id: str
+) -> ErasureCounts:
+    """Erase one session everywhere. Idempotent: a second run deletes nothing, audits again."""
+    pattern = KeyPattern.compile(settings.pattern)
+    async with engine.connect() as conn:
+        refs = await _archived_refs(conn, sessions.c.session_id == session_id)
+    if "{app}" in settings.pattern or "{user}" in settings.pattern:
+        # The key has parts the id alone does not give (ADK's app and user): look for it.
+        by_id = KeyPattern.compile(settings.pattern, id_glob=_GLOB_SPECIAL.sub(r"\\\1", session_id))
+        async for batch in scan_keys(redis, by_id, settings.scan_count):
+            refs += [ref for ref in batch if ref.session_id == session_id]
+    else:
+        refs.append(SessionRef(session_id, pattern.key_for(session_id)))
+    return await _forget(redis, engine, settings, "session", session_id, refs, user_id=None)
+
+
+async def forget_user(
+    redis: Redis, engine: AsyncEngine, settings: Settings, user_id: str
+) -> ErasureCounts:
+    """Erase every session of a user: those archived under the user, and hot ones whose key
+    (ADK's `{user}`) or metadata hash (`user_id`) names the user."""
+    async with engine.connect() as conn:
+        refs = await _archived_refs(conn, sessions.c.user_id == user_id)
+    refs += await _hot_refs_of_user(redis, settings, user_id)
+    return await _forget(redis, engine, settings, "user", user_id, refs, user_id=user_id)
+
+
+async def _forget(
+    redis: Redis,
+    engine: AsyncEngine,
+    settings: Settings,
+    kind: str,
+    subject: str,
+    refs: list[SessionRef],
+    user_id: str | None,
+) -> ErasureCounts:
+    pattern = KeyPattern.compile(settings.pattern)
+    session_keys = {ref.key for ref in refs}
+    # The key the configured pattern gives too: the archived one may predate a prefix change.
+    session_keys |= {pattern.key_for(ref.session_id, ref.app, ref.user) for ref in refs}
+    hot_keys = set(session_keys)
+    if settings.metadata_pattern:
+        hot_keys |= {settings.metadata_pattern.replace("{id}", ref.session_id) for ref in refs}
+    ids = sorted({ref.session_id for ref in refs})
+    lease_ms = int(settings.lease_ttl_s * 1000)
+    async with holding(redis, session_keys, lease_ms, wait_s=settings.lease_ttl_s + 2):
+        # One DEL per key: keys of different sessions may live on different cluster nodes.
+        deleted = 0
+        for key in sorted(hot_keys):
+            deleted += int(await redis.delete(key))
+        async with engine.begin() as conn:
+            counts = await _erase_archive(conn, ids, sorted(session_keys), user_id, deleted)
+            await conn.execute(
+                insert(erasures).values(
+                    subject_kind=kind,
+                    subject_sha256=subject_digest(subject),
+                    sessions_deleted=counts.sessions,
+                    turns_deleted=counts.turns,
+                    summaries_deleted=counts.summaries,
+                    gaps_deleted=counts.gaps,
+                    quarantine_deleted=counts.quarantine,
+                    hot_keys_deleted=counts.hot_keys,
+                )
+            )
+    return counts
+
+
+async def _erase_archive(
+    conn: AsyncConnection,
+    ids: list[str],
+    keys: list[str],
+    user_id: str | None,
+    hot_keys_deleted: int,
+) -> ErasureCounts:
+    if user_id is not None:
+        # Sessions archived for the user since the keys were gathered go too (their hot keys
+        # were not known then: a second run deletes those).
+        rows = await conn.execute(
+            select(sessions.c.session_id).where(sessions.c.user_id == user_id).with_for_update()
+        )
+        ids = sorted({*ids, *rows.scalars()})
+
+    async def count(stmt: Executable) -> int:
+        return int((await conn.execute(stmt)).rowcount)
+
+    # Children before the session rows (whose cascade would do it, but without counts).
+    return ErasureCounts(
+        turns=await count(delete(turns).where(turns.c.session_id.in_(ids))),
+        summaries=await count(delete(summaries).where(summaries.c.session_id.in_(ids))),
+        gaps=await count(delete(gaps).where(gaps.c.session_id.in_(ids))),
+        quarantine=await count(
+            delete(quarantine).where(
+                or_(quarantine.c.session_id.in_(ids), quarantine.c.redis_key.in_(keys))
+            )
+        ),
+        sessions=await count(delete(sessions).where(sessions.c.session_id.in_(ids))),
+        hot_keys=hot_keys_deleted,
+    )
+
+
+async def _archived_refs(conn: AsyncConnection, where: ColumnElement[bool]) -> list[SessionRef]:
+    rows = await conn.execute(
+        select(
+            sessions.c.session_id, sessions.c.redis_key, sessions.c.app_name, sessions.c.user_id
+        ).where(where)
+    )
+    return [SessionRef(sid, key, app, user) for sid, key, app, user in rows]
+
+
+async def _hot_refs_of_user(redis: Redis, settings: Settings, user_id: str) -> list[SessionRef]:
+    """A full SCAN (erasure is rare, and must not miss a session not yet archived)."""
+    pattern = KeyPattern.compile(settings.pattern)
+    metadata_pattern = settings.metadata_pattern
+    found: list[SessionRef] = []
+    async for batch in scan_keys(redis, pattern, settings.scan_count):
+        found += [ref for ref in batch if ref.user == user_id]
+        unnamed = [ref for ref in batch if ref.user is None]
+        if metadata_pattern and unnamed:
+            async with redis.pipeline(transaction=False) as pipe:
+                for ref in unnamed:
+                    pipe.hget(metadata_pattern.replace("{id}", ref.session_id), "user_id")
+                owners = await pipe.execute()
+            found += [
+                ref for ref, owner in zip(unnamed, owners, strict=True) if _is(owner, user_id)
+            ]
+    return found
+
+
+def _is(owner: object, user_id: str) -> bool:
+    if isinstance(owner, bytes):
+        return owner.decode("utf-8", "replace") == user_id
+    return owner == user_id
