@@ -67,7 +67,10 @@ class VisitCache:
         expires_at = p.expires_at
         if (expires_at is None) != (seen.expires_at is None):
             return False
-        pushed_back = (expires_at or 0.0) > (seen.expires_at or 0.0) + 0.05
+        # The tolerance only absorbs when each probe's reply arrived (a few ms): an agent that
+        # writes again soon after a fast pass pushes its expiry back by more than that, and its
+        # write must not be missed (idle time has a 1 s resolution and memory is rounded).
+        pushed_back = (expires_at or 0.0) > (seen.expires_at or 0.0) + 0.01
         if pushed_back:
             return False
         return p.size_bytes == seen.memory

@@ -48,11 +48,13 @@ def make_app(rt: Runtime) -> web.Application:
 
 @contextlib.asynccontextmanager
 async def serve_metrics(rt: Runtime, port: int, host: str = "0.0.0.0") -> AsyncIterator[int]:
+    """Serve the sidecar's endpoints while the block runs; yields the port (port 0: the one the
+    system chose)."""
     runner = web.AppRunner(make_app(rt), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     try:
-        yield port
+        yield int(runner.addresses[0][1]) if runner.addresses else port
     finally:
         await runner.cleanup()

@@ -12,6 +12,9 @@ The semantics are the per-session writer's (worker.archive.writer): turns are id
 read. If a batch fails for any reason other than a lost connection, each of its requests is
 tried again alone through the per-session writer, so one bad session cannot fail the others and
 each gets its own error.
+
+The statements here are writer.read_state and writer.archive_turns for many sessions at once:
+a change to one (a new column, a new guard) is a change to the other.
 """
 
 from __future__ import annotations
@@ -111,8 +114,12 @@ class _Batcher(Generic[Req, Res]):
         *,
         max_batch: int,
         max_in_flight: int,
+        weight: Callable[[Req], int] = lambda _: 1,
+        max_weight: int | None = None,
     ) -> None:
         self._kind = kind
+        self._weight = weight
+        self._max_weight = max_weight
         self._connect = connect
         self._run = run
         self._alone = alone
@@ -142,8 +149,17 @@ class _Batcher(Generic[Req, Res]):
         self._start()
 
     def _take(self) -> Batch[Req, Res]:
-        taken = self._pending[: self._max_batch]
-        del self._pending[: self._max_batch]
+        # Up to max_batch requests, and up to max_weight (the first one whatever its weight).
+        size = min(len(self._pending), self._max_batch)
+        if self._max_weight is not None:
+            total = 0
+            for i, (request, _) in enumerate(self._pending[:size]):
+                total += self._weight(request)
+                if i and total > self._max_weight:
+                    size = i
+                    break
+        taken = self._pending[:size]
+        del self._pending[:size]
         batch = [(request, future) for request, future in taken if not future.done()]
         if batch and self._pending:
             self._start()  # more waiting than one batch takes: another slot may run beside
@@ -221,18 +237,39 @@ class GroupCommit:
         observer: BatchObserver | None = None,
         max_batch: int = 512,
         max_in_flight: int = 2,
+        max_turns: int = 20_000,
     ) -> None:
         self._engine = engine
         observer = observer or _Unobserved()
-        limits = {"max_batch": max_batch, "max_in_flight": max_in_flight}
         self._reads: _Batcher[StateRequest, ArchiveState] = _Batcher(
-            "read", self._autocommit, self._read_batch, self._read_alone, observer, **limits
+            "read",
+            self._autocommit,
+            self._read_batch,
+            self._read_alone,
+            observer,
+            max_batch=max_batch,
+            max_in_flight=max_in_flight,
         )
         self._archives: _Batcher[ArchiveRequest, bool] = _Batcher(
-            "archive", engine.connect, self._archive_batch, self._archive_alone, observer, **limits
+            "archive",
+            engine.connect,
+            self._archive_batch,
+            self._archive_alone,
+            observer,
+            max_batch=max_batch,
+            max_in_flight=max_in_flight,
+            # A transaction of at most this many turns stays well within a statement timeout.
+            weight=lambda r: len(r.new_turns) + 1,
+            max_weight=max_turns,
         )
         self._books: _Batcher[Bookkeeping, int | None] = _Batcher(
-            "summary", engine.connect, self._books_batch, self._books_alone, observer, **limits
+            "summary",
+            engine.connect,
+            self._books_batch,
+            self._books_alone,
+            observer,
+            max_batch=max_batch,
+            max_in_flight=max_in_flight,
         )
 
     @contextlib.asynccontextmanager

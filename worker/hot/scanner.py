@@ -6,12 +6,17 @@ one pipeline: remaining TTL, idle time, length and memory. Nothing here reads a 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from importlib.resources import files
 
 import structlog
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 from worker.domain import SessionRef
 from worker.hot.keys import KeyPattern
@@ -47,6 +52,9 @@ async def scan_keys(
             except UnicodeDecodeError:
                 log.warning("key_not_utf8", key=repr(raw)[:200])
                 continue
+            if "\x00" in key:  # PostgreSQL text cannot hold a NUL: never archivable, so skipped
+                log.warning("key_has_nul", key=repr(key)[:200])
+                continue
             ref = pattern.parse(key)
             if ref is not None:
                 refs.append(ref)
@@ -54,6 +62,78 @@ async def scan_keys(
             yield refs
         if cursor == 0:
             return
+
+
+async def scan_and_probe(
+    redis: Redis,
+    pattern: KeyPattern,
+    count: int,
+    metadata_pattern: str | None = None,
+    batch: int = 200,
+) -> AsyncIterator[list[Probe]]:
+    """Probes of every session key, in batches of about `batch` keys.
+
+    A full scan's time is its SCAN round trips, so the probes must add nothing to it: a batch
+    of keys is probed by one script call (`probe.lua`: one command to send and one reply to
+    parse instead of three or four per key, which is what the daemon's CPU would otherwise
+    spend a full scan on), on another connection while the scan goes on. A batch keeps Redis
+    busy about as long as one SCAN step. Where the script cannot run (scripting disabled, a
+    Redis Cluster's slots), the batch is probed by a pipeline instead."""
+    script = redis.register_script(_PROBE_SCRIPT)
+    pending: asyncio.Task[list[Probe]] | None = None
+    refs: list[SessionRef] = []
+    try:
+        async for found in scan_keys(redis, pattern, count):
+            refs.extend(found)
+            if len(refs) < batch:
+                continue
+            if pending is not None:
+                yield await pending
+            pending = asyncio.create_task(_probe_batch(redis, script, refs, metadata_pattern))
+            refs = []
+        if pending is not None:
+            yield await pending
+            pending = None
+        if refs:
+            yield await _probe_batch(redis, script, refs, metadata_pattern)
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+
+
+_PROBE_SCRIPT = files("worker.hot").joinpath("probe.lua").read_text(encoding="utf-8")
+
+
+async def _probe_batch(
+    redis: Redis, script: AsyncScript, refs: list[SessionRef], metadata_pattern: str | None
+) -> list[Probe]:
+    keys = [ref.key for ref in refs]
+    if metadata_pattern:
+        keys += [metadata_pattern.replace("{id}", ref.session_id) for ref in refs]
+    try:
+        replies = await script(keys=keys, args=["1" if metadata_pattern else "0"])
+    except ResponseError as exc:
+        log.debug("probe_script_unavailable", error=str(exc)[:200])
+        return await probe(redis, refs, metadata_pattern)
+    now = time.time()
+    probes = []
+    for i, ref in enumerate(refs):
+        ttl, idle, size, active = replies[4 * i : 4 * i + 4]
+        if not isinstance(ttl, int) or ttl == -2:
+            continue
+        since = _idle_since(active, now)
+        probes.append(
+            Probe(
+                ref,
+                ttl,
+                since if since is not None else idle if isinstance(idle, int) else None,
+                size if isinstance(size, int) else None,
+                now,
+            )
+        )
+    return probes
 
 
 async def probe(
