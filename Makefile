@@ -71,7 +71,7 @@ run: venv ## migrate, then run the daemon in the foreground
 bench: venv ## the benchmark
 	@$(SERVICES_ENV) && $(BIN)/python scripts/bench.py
 
-soak: venv ## the long-running tests (marker `soak`)
+soak: venv ## the fault scenarios at length (marker `soak`); figures to docs/faults.md
 	@$(SERVICES_ENV) && SOAK=1 $(BIN)/pytest -q -m soak tests/ $(PYTEST_ARGS)
 
 clean: ## stop the private services and delete their state

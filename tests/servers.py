@@ -82,14 +82,16 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 class PrivateRedis:
-    """A redis-server child process on a free port, without persistence.
+    """A redis-server child process on a free port.
 
     `stop()` shuts it down cleanly, `kill()` with SIGKILL; `start()` brings it back on the same
-    port (empty, since nothing is persisted).
+    port: empty by default, with every acknowledged write when `persistent` (an append-only
+    file synced at each write, as a production Redis that must not lose a turn would run).
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, persistent: bool = False) -> None:
         self.port = port if port is not None else free_port()
+        self.persistent = persistent
         self.dir = Path(tempfile.mkdtemp(prefix="private-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -109,7 +111,8 @@ class PrivateRedis:
             "port": str(self.port),
             "bind": "127.0.0.1",
             "save": "",
-            "appendonly": "no",
+            "appendonly": "yes" if self.persistent else "no",
+            "appendfsync": "always",
             "daemonize": "no",
             "dir": str(self.dir),
             "logfile": str(log),
@@ -126,7 +129,9 @@ class PrivateRedis:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if _port_answers(self.port, b"PING\r\n", b"+PONG"):
-                return
+                if self._proc.poll() is None:
+                    return
+                break  # someone else answered on our port, and our server died
             if self._proc.poll() is not None:
                 break
             time.sleep(0.05)

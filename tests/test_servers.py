@@ -45,6 +45,20 @@ def test_private_redis_stops_and_comes_back_on_the_same_port() -> None:
     assert not server.dir.exists()
 
 
+def test_persistent_private_redis_keeps_acknowledged_writes_across_a_crash() -> None:
+    with PrivateRedis(persistent=True) as server:
+        client = redis.Redis.from_url(server.url, socket_timeout=2, retry_on_timeout=False)
+        try:
+            assert client.rpush("turns", b"one", b"two") == 2
+            client.expire("turns", 600)
+            server.kill()  # SIGKILL: only what the append-only file holds survives
+            server.start()
+            assert client.lrange("turns", 0, -1) == [b"one", b"two"]
+            assert 0 < client.ttl("turns") <= 600
+        finally:
+            client.close()
+
+
 async def _count_rows(dsn: str) -> int:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:

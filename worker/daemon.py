@@ -27,6 +27,9 @@ log = structlog.get_logger(__name__)
 
 _PRIORITY = {Trigger.EXPIRING: 0, Trigger.OVERSIZE: 1, Trigger.IDLE: 2, Trigger.MANUAL: 3}
 _TRANSIENT = (RedisError, OSError, OperationalError, DBAPIError)
+# A retry is one PING and one SELECT 1, nothing a recovering server would notice; waiting longer
+# only delays the daemon's return once the server is back (up to a minute before).
+_BACKOFF_MAX_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +197,7 @@ class Daemon:
             except _TRANSIENT as exc:
                 self.metrics.ready.set(0)
                 log.warning("pass_failed", error=repr(exc)[:300], retry_in_s=backoff)
-                delay, backoff = backoff, min(backoff * 2, 60.0)
+                delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
         await self._stop_pruning()

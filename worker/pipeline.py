@@ -23,7 +23,7 @@ from worker.archive import writer
 from worker.archive.groupcommit import ArchiveRequest, GroupCommit, SummaryRequest
 from worker.config import OnSummaryFailure, Settings
 from worker.domain import Outcome, SessionRef, SummaryText, Turn
-from worker.hot.leases import Lease, claim
+from worker.hot.leases import Lease, claim, still_held
 from worker.hot.scripts import Scripts, Swap
 from worker.hot.store import BadKey, HotStore
 from worker.layouts.base import DecodeError, Layout, decode_turns
@@ -91,6 +91,13 @@ class Pipeline:
 
         shas = [t.sha for t in hot_turns]
         state = await self.archive.read_state(ref.session_id, shas[0], len(shas))
+        # The snapshot and the archive state must describe the same session: a worker that
+        # stalled past its lease (a pause, a starved CPU) may hold a snapshot read before another
+        # worker archived and folded the session, and would take its stale turns for new ones.
+        # A lease held without a break until now rules that out; an archive by anyone after
+        # this point is refused by the archive's own turn_count guard.
+        if not await still_held(self.redis, lease):
+            return Outcome(ref.session_id, "conflict", reason="lease lost before archiving")
         alignment = align(shas, state.turn_count, state.head, state.tail)
         verbatim = hot_turns[alignment.summary_len :]
         new_turns = verbatim[alignment.archived :]

@@ -31,14 +31,27 @@ class Runtime:
     metrics: Metrics
 
 
-def redis_client(url: str) -> Redis:
-    # Bytes in, bytes out: the archive keeps the agent's elements byte for byte.
-    return Redis.from_url(url, decode_responses=False, health_check_interval=30)
+def redis_client(url: str, timeout_s: float = 10.0) -> Redis:
+    # Bytes in, bytes out: the archive keeps the agent's elements byte for byte. The timeouts
+    # turn a network partition into an error (then a backoff) instead of a silent hang.
+    return Redis.from_url(
+        url,
+        decode_responses=False,
+        health_check_interval=30,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
 
 
-def database_engine(url: str, pool_size: int) -> AsyncEngine:
+def database_engine(url: str, pool_size: int, timeout_s: float = 30.0) -> AsyncEngine:
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True, pool_recycle=1800
+        url,
+        pool_size=pool_size,
+        max_overflow=4,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        # asyncpg: `timeout` bounds connecting, `command_timeout` every statement.
+        connect_args={"timeout": timeout_s, "command_timeout": timeout_s},
     )
 
 
@@ -56,9 +69,11 @@ async def open_runtime(
     metrics: Metrics | None = None,
 ) -> AsyncIterator[Runtime]:
     async with contextlib.AsyncExitStack() as stack:
-        redis = redis_client(settings.redis_url)
+        redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         stack.push_async_callback(redis.aclose)
-        engine = database_engine(settings.database_url, settings.concurrency + 2)
+        engine = database_engine(
+            settings.database_url, settings.concurrency + 2, settings.database_timeout_s
+        )
         stack.push_async_callback(engine.dispose)
         chosen = summarizer or default_summarizer(settings)
         stack.push_async_callback(chosen.aclose)

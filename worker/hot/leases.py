@@ -24,6 +24,15 @@ class Lease:
         self.lost = False
 
 
+async def still_held(redis: Redis, lease: Lease) -> bool:
+    """Whether the lease is ours right now. Its key only ever holds our token while we have held
+    it without a break (a token is never reused), so True also means that no other worker can
+    have touched the session since we claimed it."""
+    if not lease.lost and await redis.get(lease.key) != lease.token.encode():
+        lease.lost = True
+    return not lease.lost
+
+
 @contextlib.asynccontextmanager
 async def claim(
     redis: Redis, scripts: Scripts, session_key: str, ttl_ms: int
@@ -37,10 +46,15 @@ async def claim(
     if not await redis.set(lease.key, lease.token, nx=True, px=ttl_ms):
         yield None
         return
-    renewer = asyncio.create_task(_keep_alive(redis, scripts, lease, ttl_ms))
+    done = asyncio.Event()
+    renewer = asyncio.create_task(_keep_alive(redis, scripts, lease, ttl_ms, done))
     try:
         yield lease
     finally:
+        # Told to stop, not only cancelled: a cancellation that arrives as a Redis call times
+        # out can be swallowed (turned into the call's TimeoutError), and a renewer that went on
+        # would hold this session, and the whole pass waiting for it, for ever.
+        done.set()
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
@@ -51,9 +65,14 @@ async def claim(
             log.warning("lease_release_failed", lease=lease.key, error=str(exc))
 
 
-async def _keep_alive(redis: Redis, scripts: Scripts, lease: Lease, ttl_ms: int) -> None:
-    while True:
-        await asyncio.sleep(ttl_ms / 3000)
+async def _keep_alive(
+    redis: Redis, scripts: Scripts, lease: Lease, ttl_ms: int, done: asyncio.Event
+) -> None:
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), ttl_ms / 3000)
+        if done.is_set():
+            return
         try:
             if not await scripts.renew(lease.key, lease.token, ttl_ms):
                 lease.lost = True
