@@ -71,6 +71,26 @@ class Layout(Protocol):
         ...
 
 
+class StoredAsList:
+    """For LIST layouts: the whole-value methods of the protocol, which only STRING layouts use."""
+
+    storage = Storage.LIST
+
+    def split(self, value: bytes) -> list[bytes]:
+        raise NotImplementedError(f"{type(self).__name__} is stored as a LIST")
+
+    def join(self, original: bytes, elements: Sequence[bytes]) -> bytes:
+        raise NotImplementedError(f"{type(self).__name__} is stored as a LIST")
+
+    def value_metadata(self, value: bytes) -> dict[str, Any]:
+        return {}
+
+    def fresh_value(
+        self, ref: SessionRef, elements: Sequence[bytes], metadata: Mapping[str, Any]
+    ) -> bytes:
+        raise NotImplementedError(f"{type(self).__name__} is stored as a LIST")
+
+
 def load_object(raw: bytes) -> dict[str, Any]:
     """Parse one JSON object strictly: invalid UTF-8, bad JSON or a non-object is a DecodeError."""
     try:

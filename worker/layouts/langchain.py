@@ -9,12 +9,12 @@ model, so `RedisChatMessageHistory(...).messages` starts with it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from worker.domain import SessionRef, Turn
-from worker.layouts.base import DecodeError, Storage, load_object, text_of, unpaired_id
+from worker.domain import Turn
+from worker.layouts.base import DecodeError, StoredAsList, load_object, text_of, unpaired_id
 from worker.layouts.contents import render
 
 # Message types `messages_from_dict` accepts, and the role each one speaks with.
@@ -33,9 +33,8 @@ ROLE_OF_TYPE = {
 CHAT_TYPES = frozenset({"chat", "ChatMessageChunk"})  # the role is in the message itself
 
 
-class LangChainLayout:
+class LangChainLayout(StoredAsList):
     name = "langchain"
-    storage = Storage.LIST
     newest_first = True
 
     def decode(self, raw: bytes) -> Turn:
@@ -69,20 +68,6 @@ class LangChainLayout:
             "id": None,
         }
         return [json.dumps({"type": "system", "data": data}).encode()]
-
-    def split(self, value: bytes) -> list[bytes]:
-        raise NotImplementedError("the langchain layout is stored as a LIST")
-
-    def join(self, original: bytes, elements: Sequence[bytes]) -> bytes:
-        raise NotImplementedError("the langchain layout is stored as a LIST")
-
-    def value_metadata(self, value: bytes) -> dict[str, Any]:
-        return {}
-
-    def fresh_value(
-        self, ref: SessionRef, elements: Sequence[bytes], metadata: Mapping[str, Any]
-    ) -> bytes:
-        raise NotImplementedError("the langchain layout is stored as a LIST")
 
 
 def _tools(data: dict[str, Any]) -> tuple[frozenset[str], frozenset[str], list[str]]:

@@ -6,21 +6,19 @@ an assistant's `tool_calls` from the `tool` messages answering them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 import orjson
 
-from worker.domain import SessionRef, Turn
-from worker.layouts.base import DecodeError, Storage, load_object, parse_timestamp, text_of
+from worker.domain import Turn
+from worker.layouts.base import DecodeError, StoredAsList, load_object, parse_timestamp, text_of
 
 KNOWN_ROLES = frozenset({"user", "assistant", "system", "tool", "function", "model", "developer"})
 
 
-class ListLayout:
+class ListLayout(StoredAsList):
     name = "list"
-    storage = Storage.LIST
 
     def __init__(self, *, newest_first: bool = False) -> None:
         self.newest_first = newest_first
@@ -57,17 +55,3 @@ class ListLayout:
     ) -> list[bytes]:
         content = f"[Summary of the {turns_covered} earlier turns]\n{text}"
         return [orjson.dumps({"role": "system", "content": content, "timestamp": now.timestamp()})]
-
-    def split(self, value: bytes) -> list[bytes]:
-        raise NotImplementedError("the list layout is stored as a LIST")
-
-    def join(self, original: bytes, elements: Sequence[bytes]) -> bytes:
-        raise NotImplementedError("the list layout is stored as a LIST")
-
-    def value_metadata(self, value: bytes) -> dict[str, Any]:
-        return {}
-
-    def fresh_value(
-        self, ref: SessionRef, elements: Sequence[bytes], metadata: Mapping[str, Any]
-    ) -> bytes:
-        raise NotImplementedError("the list layout is stored as a LIST")

@@ -8,14 +8,14 @@ message first, as LlamaIndex's own summary memory buffer puts it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-from worker.domain import SessionRef, Turn
-from worker.layouts.base import DecodeError, Storage, load_object, parse_timestamp, text_of
+from worker.domain import Turn
+from worker.layouts.base import DecodeError, StoredAsList, load_object, parse_timestamp, text_of
 from worker.layouts.contents import render
 
 # llama_index.core.base.llms.types.MessageRole
@@ -24,9 +24,8 @@ ROLES = frozenset(
 )
 
 
-class LlamaIndexLayout:
+class LlamaIndexLayout(StoredAsList):
     name = "llamaindex"
-    storage = Storage.LIST
     newest_first = False
 
     def decode(self, raw: bytes) -> Turn:
@@ -66,20 +65,6 @@ class LlamaIndexLayout:
             "blocks": [{"block_type": "text", "text": content}],
         }
         return [orjson.dumps(message)]  # compact UTF-8, as pydantic's model_dump_json writes
-
-    def split(self, value: bytes) -> list[bytes]:
-        raise NotImplementedError("the llamaindex layout is stored as a LIST")
-
-    def join(self, original: bytes, elements: Sequence[bytes]) -> bytes:
-        raise NotImplementedError("the llamaindex layout is stored as a LIST")
-
-    def value_metadata(self, value: bytes) -> dict[str, Any]:
-        return {}
-
-    def fresh_value(
-        self, ref: SessionRef, elements: Sequence[bytes], metadata: Mapping[str, Any]
-    ) -> bytes:
-        raise NotImplementedError("the llamaindex layout is stored as a LIST")
 
 
 def _blocks_text(blocks: list[Any]) -> str:
