@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from worker import logs
 from worker.config import Settings
+from worker.gctune import tune_gc
 from worker.hot.keys import PatternError
 from worker.layouts.registry import UnknownLayout
 from worker.summarizers.select import SummarizerConfigError
@@ -278,4 +279,5 @@ def print_json(obj: object) -> None:
 
 
 def main() -> None:
+    tune_gc()
     app()

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     gemini_usd_per_million_in: float = Field(default=0.30, ge=0)
     gemini_usd_per_million_out: float = Field(default=2.50, ge=0)
     summary_fallback: bool = False  # extractive summary when the model fails
+    # Worker processes for the offline summarizer (0: on the event loop). More only helps with
+    # cores to spare: on 2 cores shared with PostgreSQL a flush ran no faster with 1.
+    summary_processes: int = Field(default=0, ge=0, le=64)
     fold_max_tokens: int = Field(default=24_000, ge=100)  # most a single fold sends to the model
 
     # Archive retention (e.g. "90d"): the daemon prunes what is older, at most once an hour.

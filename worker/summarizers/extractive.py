@@ -6,17 +6,20 @@ cheap, and it must keep what an agent needs later: names, ids, amounts, dates an
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import unicodedata
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import accumulate
 
 import structlog
 
 from worker.domain import SummaryText, Turn
-from worker.summarizers.base import input_chars, transcript
+from worker.summarizers.base import input_chars
+from worker.summarizers.cpupool import CpuPool
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +46,7 @@ _ABBREVIATIONS = _wordset(
     "e.g. i.e. etc. vs. cf. dr. mr. mrs. ms. prof. st. jr. sr. inc. ltd. co. no. approx. "
     "fig. a.m. p.m. u.s. u.k."
 )
+_LONGEST_ABBREVIATION = max(map(len, _ABBREVIATIONS))
 _FILLER = _wordset(
     "ok okay k kk thanks thank thx ty you so much very a lot for the that this is it sure "
     "hello hi hey great cool got yes yeah yep no nope alright right bye goodbye welcome np "
@@ -50,55 +54,94 @@ _FILLER = _wordset(
     "content all anything else s re ll m ve d"
 )
 
-_BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]]*\s+|[。！？]+\s*")
-_BULLET = re.compile(r"^(?:[-*•·‣▪–]|\d{1,3}[.)])\s+")
+_BOUNDARY = re.compile(r"([.!?…]+[\"'”’)\]]*)\s+|([。！？]+)\s*")
+# Lines as str.splitlines() cuts them; then leading space and a bullet ("- ", "* ", "2) ").
+_LINE = re.compile(r"[^\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]+")
+_LEAD = re.compile(r"\s*(?:(?:[-*•·‣▪–]|\d{1,3}[.)])\s+)?")
 _ROLE_PREFIX = re.compile(r"^([^\W\d][\w-]{0,31}):\s+")
 _TOOL_ROLES = frozenset({"tool", "function"})
 _JSON_PUNCT = re.compile(r'[{}\[\]"]')
 _PRONOUN = ("I'", "I’")  # "I'm" is capitalised but names nobody
 _INITIAL = re.compile(r"^[A-Z]\.$")
 _WORD = re.compile(r"[^\W\d_][\w'’-]*")
-_ID = re.compile(r"\b(?=[A-Z0-9_-]*\d)(?=[A-Z0-9_-]*[A-Z])[A-Z0-9][A-Z0-9_-]{2,}\b")
-_ACRONYM = re.compile(r"\b[A-Z]{2,}\b")
-_NUMBER = re.compile(r"\d+(?:[.,:/-]\d+)*")
-_AMOUNT = re.compile(r"[$€£¥₹]\s?\d|\d\s?(?:%|(?i:usd|eur|gbp|dollars?|euros?)\b)")
-_DATE = re.compile(
-    r"\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}/\d{1,2}(?:/\d{2,4})?\b"
-    r"|\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*\.?\s+\d"
-    r"|\b(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day\b"
-    r"|(?i:\b(?:today|tonight|tomorrow|yesterday|next (?:week|month))\b)"
+# Feature patterns. Each opens with a plain character or character set, and checks the word
+# boundary just after it (`(?<!\w.)`: the character before the match is not part of a word):
+# the regex engine then skips to candidate characters in C instead of trying every position,
+# which made scoring a long fold several times cheaper than `\b(?:...)` did.
+_ID = re.compile(r"[A-Z0-9](?<!\w.)[A-Z0-9_-]{2,}\b")  # and holds a digit and a letter
+_ACRONYM = re.compile(r"[A-Z](?<!\w.)[A-Z]+\b")
+_NUMBER = re.compile(r"\d\d*(?:[.,:/-]\d+)*")
+_AMOUNT = re.compile(
+    r"[$€£¥₹\d](?:(?<=[$€£¥₹])\s?\d|(?<=\d)\s?(?:%|(?i:usd|eur|gbp|dollars?|euros?)\b))"
 )
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
-_URL = re.compile(r"https?://\S+|www\.\S+")
+_DATE_NUMERIC = re.compile(r"\d(?<!\w.)(?:\d{3}-\d{2}-\d{2}\b|\d?/\d{1,2}(?:/\d{2,4})?\b)")
+_MONTH_DAY = r"[a-z]*\.?\s+\d"  # the rest of "Mar 3", "March 3", "Sept. 3"
+_DATE_NAMED = re.compile(  # one literal first letter per branch: the engine skips to those
+    rf"J(?<!\w.)(?:an|u[nl]){_MONTH_DAY}|F(?<!\w.)(?:eb{_MONTH_DAY}|riday\b)"
+    rf"|M(?<!\w.)(?:a[ry]{_MONTH_DAY}|onday\b)|A(?<!\w.)(?:pr|ug){_MONTH_DAY}"
+    rf"|S(?<!\w.)(?:ep{_MONTH_DAY}|aturday\b|unday\b)|O(?<!\w.)ct{_MONTH_DAY}"
+    rf"|N(?<!\w.)ov{_MONTH_DAY}|D(?<!\w.)ec{_MONTH_DAY}|T(?<!\w.)(?:ues|hurs)day\b"
+    r"|W(?<!\w.)ednesday\b"
+)
+# These two run on the lower-cased text (any case counts).
+_DATE_RELATIVE = re.compile(
+    r"(?:t(?<!\w.)(?:oday|onight|omorrow)|y(?<!\w.)esterday|n(?<!\w.)ext (?:week|month))\b"
+)
 _TASK = re.compile(
-    r"(?i)\b(?:to-?do|need(?:s|ed)? to|will|must|please|next steps?|remind(?:er)?|deadline|"
-    r"due|decided|agreed|let[’']s|let us|follow[- ]up|action items?|going to|"
-    r"plan(?:s|ned)? to|asap|should)\b"
+    r"(?:t(?<!\w.)o-?do|n(?<!\w.)(?:eed(?:s|ed)? to|ext steps?)|w(?<!\w.)ill|m(?<!\w.)ust"
+    r"|p(?<!\w.)(?:lease|lan(?:s|ned)? to)|r(?<!\w.)emind(?:er)?|d(?<!\w.)(?:eadline|ue|ecided)"
+    r"|a(?<!\w.)(?:greed|ction items?|sap)|l(?<!\w.)et(?:[’']s| us)|f(?<!\w.)ollow[- ]up"
+    r"|g(?<!\w.)oing to|s(?<!\w.)hould)\b"
 )
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+\.[\w.-]+")
+_URL = re.compile(r"https?://\S+|www\.\S+")
+_DIGITS = frozenset("0123456789")
+_CAPITALS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _OPENING_FILLER = re.compile(r"(?i)^(?:ok(?:ay)?|thanks?|sure|hello|hi|hey)\b")
+_NON_WORD = re.compile(r"[\W_]+")
 
 
 def estimate_tokens(text: str) -> int:
     """Rough token count (about four characters a token), for provenance only."""
-    return (len(text) + 3) // 4
+    return estimate_tokens_of(len(text))
+
+
+def estimate_tokens_of(chars: int) -> int:
+    return (chars + 3) // 4
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence of `text`: lines and bullets first, then . ! ? but not
+    decimals or "e.g.". Offsets rather than strings: the caller cuts each sentence once."""
+    spans: list[tuple[int, int]] = []
+    for line in _LINE.finditer(text):
+        start, end = line.span()
+        if lead := _LEAD.match(text, start, end):  # always matches, if only the empty string
+            start = lead.end()
+        for m in _BOUNDARY.finditer(text, start, end):
+            # The boundary's own spaces are not part of the sentence; the next one starts after.
+            stop = m.end(1) if m.start(1) >= 0 else m.end(2)
+            if text[stop - 1] == "." and _ends_in_abbreviation(text, start, stop):
+                continue
+            spans.append((start, stop))
+            start = m.end()
+        if rest := text[start:end].rstrip():
+            spans.append((start, start + len(rest)))
+    return spans
+
+
+def _ends_in_abbreviation(text: str, start: int, stop: int) -> bool:
+    """Whether text[start:stop] ends in "e.g.", "Dr." or an initial: no sentence ends there."""
+    window = text[max(start, stop - _LONGEST_ABBREVIATION - 1) : stop]
+    last = window.rsplit(None, 1)[-1]
+    if len(last) == len(window) and stop - len(window) > start:
+        return False  # the word began before the window: longer than any abbreviation
+    return last.lower() in _ABBREVIATIONS or _INITIAL.match(last) is not None
 
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of `text`: lines and bullets first, then . ! ? but not decimals or "e.g."."""
-    out: list[str] = []
-    for raw_line in text.splitlines():
-        line = _BULLET.sub("", raw_line.strip())
-        start = 0
-        for m in _BOUNDARY.finditer(line):
-            piece = line[start : m.end()].strip()
-            last = piece.split()[-1]
-            if last.lower() in _ABBREVIATIONS or _INITIAL.match(last):
-                continue
-            out.append(piece)
-            start = m.end()
-        if rest := line[start:].strip():
-            out.append(rest)
-    return out
+    return [text[start:end] for start, end in sentence_spans(text)]
 
 
 def _clip(text: str, limit: int) -> str:
@@ -112,43 +155,78 @@ def _clip(text: str, limit: int) -> str:
     return cut.rstrip(" ,;:-") + _ELLIPSIS
 
 
-def _key(sentence: str) -> str:
-    folded = unicodedata.normalize("NFKC", sentence).casefold()
-    return re.sub(r"[\W_]+", " ", folded).strip()
-
-
 def _credit(found: list[str], known: set[str], weight: float, cap: int = 2) -> float:
     """Full credit for facts not seen before, little for repeats: the first mention carries it."""
+    if not found:
+        return 0.0
     fresh = [f for f in dict.fromkeys(found) if f not in known]
     known.update(found)
     return weight * min(len(fresh), cap) + 0.2 * weight * min(len(found) - len(fresh), cap)
 
 
-def _salience(sentence: str, role: str, position: float, known: set[str]) -> tuple[float, bool]:
-    """Score of one sentence, and whether it is mere filler."""
-    key = _key(sentence)
-    if not key or all(w in _FILLER for w in key.split()):
-        return 0.0, True
-    words = _WORD.findall(sentence)
-    names = [w for w in words[1:] if w[0].isupper() and not w.isupper() and w[:2] not in _PRONOUN]
-    soft = position + _credit(names, known, 0.6, 3) + 0.4 * min(len(_ACRONYM.findall(sentence)), 2)
-    if role.lower() in ("user", "human") and sentence.rstrip().endswith(("?", "？")):
-        soft += 1.5
-    if _TASK.search(sentence):
-        soft += 2.0
-    if _OPENING_FILLER.match(sentence):
-        soft -= 0.5
-    if len(words) < 3:
-        soft -= 0.5
-    soft -= len(sentence) / 250
-    ids = _ID.findall(sentence) + _EMAIL.findall(sentence) + _URL.findall(sentence)
-    hard = (
-        _credit(ids, known, 1.5)
-        + _credit(_NUMBER.findall(sentence), known, 0.6, 3)
-        + 1.0 * bool(_AMOUNT.search(sentence))
-        + 1.0 * bool(_DATE.search(sentence))
-    )
-    return _ROLE_WEIGHT.get(role.lower(), 0.8) * soft + hard, False
+_NFKC = partial(unicodedata.normalize, "NFKC")  # leaves ASCII as it is, at once
+_TO_SPACE = partial(_NON_WORD.sub, " ")
+
+
+@dataclass(frozen=True, slots=True)
+class _Features:
+    """What the scoring looks for, in each sentence of the fold (item i: sentence i).
+
+    Found with map() over the patterns' own methods: the loop over sentences runs in C, and
+    there is no Python code per match, which is where a fold's time used to go."""
+
+    keys: list[str]  # the sentence folded for comparison: case, width and punctuation gone
+    words: list[list[str]]
+    ids: list[list[str]]
+    numbers: list[list[str]]
+    acronyms: list[list[str]]
+    amounts: list[bool]
+    dates: list[bool]
+    tasks: list[bool]
+
+    @classmethod
+    def find(cls, sentences: list[str]) -> _Features:
+        keys = list(map(str.strip, map(_TO_SPACE, map(str.casefold, map(_NFKC, sentences)))))
+        lower = list(map(str.lower, sentences))
+        ids = [
+            [t for t in found if not (_DIGITS.isdisjoint(t) or _CAPITALS.isdisjoint(t))]
+            for found in map(_ID.findall, sentences)
+        ]
+        # Rare, and costly to look for everywhere: only when their telltale sign is there.
+        text = "\n".join(sentences)
+        rare = [_EMAIL] if "@" in text else []
+        if "://" in text or "www." in text:
+            rare.append(_URL)
+        for pattern in rare:
+            for tokens, found in zip(ids, map(pattern.findall, sentences), strict=True):
+                tokens.extend(found)
+        dates = [
+            bool(numeric or named or relative)
+            for numeric, named, relative in zip(
+                map(_DATE_NUMERIC.search, sentences),
+                map(_DATE_NAMED.search, sentences),
+                map(_DATE_RELATIVE.search, lower),
+                strict=True,
+            )
+        ]
+        return cls(
+            keys=keys,
+            words=list(map(_WORD.findall, sentences)),
+            ids=ids,
+            numbers=list(map(_NUMBER.findall, sentences)),
+            acronyms=list(map(_ACRONYM.findall, sentences)),
+            amounts=list(map(bool, map(_AMOUNT.search, sentences))),
+            dates=dates,
+            tasks=list(map(bool, map(_TASK.search, lower))),
+        )
+
+
+@dataclass(slots=True)
+class _Unit:
+    role: str
+    text: str
+    bonus: float
+    previous: bool
 
 
 @dataclass(slots=True)
@@ -163,44 +241,91 @@ class _Candidate:
     filler: bool
 
 
-def _units(previous: str | None, turns: Sequence[Turn]) -> Iterator[tuple[str, str, float, bool]]:
-    """(role, text, bonus, from previous) per group: previous-summary lines first, then turns."""
+def _units(previous: str | None, turns: Sequence[Turn]) -> Iterator[_Unit]:
+    """Previous-summary lines first, then turns: each is rendered on one line."""
     roles = frozenset(_ROLE_WEIGHT) | {t.role.strip().lower() for t in turns}
     for line in (previous or "").splitlines():
         m = _ROLE_PREFIX.match(line.strip())
         if m and m.group(1).lower() in roles:
-            yield m.group(1), line.strip()[m.end() :], _PREVIOUS_BONUS, True
+            yield _Unit(m.group(1), line.strip()[m.end() :], _PREVIOUS_BONUS, True)
         else:
-            yield "", line, _PREVIOUS_BONUS, True
+            yield _Unit("", line, _PREVIOUS_BONUS, True)
     for i, turn in enumerate(turns):
         role, text = turn.role.strip(), turn.text
         if role.lower() in _TOOL_ROLES:
             # Tool results are mostly JSON: its quotes and braces cost budget and carry nothing.
             text = _JSON_PUNCT.sub("", text)
-        yield role, text, 1.0 if i in (0, len(turns) - 1) else 0.0, False
+        yield _Unit(role, text, 1.0 if i in (0, len(turns) - 1) else 0.0, False)
 
 
 def _candidates(previous: str | None, turns: Sequence[Turn], budget: int) -> list[_Candidate]:
+    units = list(_units(previous, turns))
+    # The whole fold as one text (no sentence spans a line) split once; unit g ends before
+    # offset ends[g].
+    doc = "\n".join(u.text for u in units)
+    ends = list(accumulate(len(u.text) + 1 for u in units))
+    spans = sentence_spans(doc)
+    sentences = [doc[start:end] for start, end in spans]
+    features = _Features.find(sentences)
     out: list[_Candidate] = []
     seen: dict[str, _Candidate] = {}
-    known: set[str] = set()
-    for group, (role, text, bonus, prev) in enumerate(_units(previous, turns)):
-        for i, sentence in enumerate(split_sentences(text)):
-            score, filler = _salience(sentence, role, bonus + (0.5 if i == 0 else 0.0), known)
-            key = _key(sentence) or sentence
-            if (first := seen.get(key)) is not None:
-                # Restating a fact is a sign it matters; keep it where it first appeared.
-                first.score = max(first.score, score + _REPEAT_BONUS)
-                continue
-            prefix = f"{role}: " if role else ""
+    known: set[str] = set()  # names, ids and numbers credited so far
+    group = -1
+    unit = units[0] if units else _Unit("", "", 0.0, False)
+    prefix, limit, weight, asks = "", budget, 0.0, False
+    for i, (start, _) in enumerate(spans):
+        first_of_unit = group < 0 or start >= ends[group]
+        if first_of_unit:
+            group = bisect_right(ends, start)
+            unit = units[group]
+            prefix = f"{unit.role}: " if unit.role else ""
             # Clipped so that it fits with its prefix, or bare when the budget is tiny.
             room = budget - len(prefix)
             limit = min(room if room >= 20 else budget, _MAX_SENTENCE)
-            clipped = _clip(sentence, limit)
-            cand = _Candidate(clipped, sentence, prefix, prev, group, len(out), score, filler)
-            seen[key] = cand
-            out.append(cand)
+            weight = _ROLE_WEIGHT.get(unit.role.lower(), 0.8)
+            asks = unit.role.lower() in ("user", "human")
+        sentence, key = sentences[i], features.keys[i]
+        filler = not key or _FILLER.issuperset(key.split())
+        score = 0.0
+        if not filler:
+            position = unit.bonus + (0.5 if first_of_unit else 0.0)
+            score = weight * position + _score(sentence, i, features, known, weight, asks)
+        key = key or sentence
+        if (earlier := seen.get(key)) is not None:
+            # Restating a fact is a sign it matters; keep it where it first appeared.
+            earlier.score = max(earlier.score, score + _REPEAT_BONUS)
+            continue
+        cand = _Candidate(
+            _clip(sentence, limit), sentence, prefix, unit.previous, group, len(out), score, filler
+        )
+        seen[key] = cand
+        out.append(cand)
     return out
+
+
+def _score(
+    sentence: str, i: int, f: _Features, known: set[str], weight: float, asks: bool
+) -> float:
+    """Salience of sentence `i` of the fold, apart from its place in the conversation."""
+    words = f.words[i]
+    names = [w for w in words[1:] if w[0].isupper() and not w.isupper() and w[:2] not in _PRONOUN]
+    soft = _credit(names, known, 0.6, 3) + 0.4 * min(len(f.acronyms[i]), 2)
+    if asks and sentence.endswith(("?", "？")):
+        soft += 1.5
+    if f.tasks[i]:
+        soft += 2.0
+    if _OPENING_FILLER.match(sentence):
+        soft -= 0.5
+    if len(words) < 3:
+        soft -= 0.5
+    soft -= len(sentence) / 250
+    hard = (
+        _credit(f.ids[i], known, 1.5)
+        + _credit(f.numbers[i], known, 0.6, 3)
+        + 1.0 * f.amounts[i]
+        + 1.0 * f.dates[i]
+    )
+    return weight * soft + hard
 
 
 def summarize_text(previous: str | None, turns: Sequence[Turn], max_chars: int) -> str:
@@ -251,32 +376,47 @@ def _render(chosen: list[_Candidate], bare: bool = False) -> str:
     return "\n".join(lines)
 
 
+def summarize_pairs(previous: str | None, turns: list[tuple[str, str]], max_chars: int) -> str:
+    """`summarize_text` on (role, text) pairs: what a worker process is sent, without the raw
+    bytes and parsed fields of each turn that it would not read."""
+    return summarize_text(previous, [Turn(role, text, b"") for role, text in turns], max_chars)
+
+
 class ExtractiveSummarizer:
-    """Summarizer that selects sentences instead of writing new ones; always available."""
+    """Summarizer that selects sentences instead of writing new ones; always available.
+
+    With `processes` > 0 the scoring runs in that many worker processes: it is the one piece
+    of CPU work per session, and on the event loop it would hold up every other session's I/O.
+    """
 
     name = "extractive"
 
-    def __init__(self) -> None:
+    def __init__(self, processes: int = 0) -> None:
+        self._pool = CpuPool(processes)
         log.info(
             "extractive_summarizer_in_use",
             detail="offline extractive summarizer in use: summaries are selected sentences",
+            processes=processes,
         )
 
     async def summarize(
         self, previous: str | None, turns: Sequence[Turn], max_chars: int
     ) -> SummaryText:
         started = time.perf_counter()
-        # Scoring a long session is CPU work; keep it off the loop so leases keep renewing.
-        text = await asyncio.to_thread(summarize_text, previous, list(turns), max_chars)
-        source = "\n".join(filter(None, [previous, transcript(turns)]))
+        pairs = [(t.role, t.text) for t in turns]
+        text = await self._pool.run(summarize_pairs, previous, pairs, max_chars)
+        # The length of the transcript a model would have been sent: "role: text" lines.
+        source_chars = sum(len(role) + 2 + len(body) + 1 for role, body in pairs) - bool(pairs)
+        if previous:
+            source_chars += len(previous) + bool(pairs)
         return SummaryText(
             text=text,
             summarizer=self.name,
             model=None,
-            tokens_in=estimate_tokens(source),
+            tokens_in=estimate_tokens_of(source_chars),
             tokens_out=estimate_tokens(text),
             latency_ms=(time.perf_counter() - started) * 1000,
         )
 
     async def aclose(self) -> None:
-        """Nothing to release: no connection or model is held."""
+        await self._pool.aclose()

@@ -78,7 +78,7 @@ def build_summarizer(settings: Settings) -> Summarizer:
         except (ValueError, GoogleAuthError) as exc:
             raise SummarizerConfigError(f"gemini summarizer: {exc}") from exc
     else:
-        primary = ExtractiveSummarizer()
+        primary = ExtractiveSummarizer(settings.summary_processes)
     fallback = settings.summary_fallback and which is not SummarizerName.EXTRACTIVE
     log.info(
         "summarizer_selected",
@@ -88,5 +88,5 @@ def build_summarizer(settings: Settings) -> Summarizer:
         fallback="extractive" if fallback else None,
     )
     if fallback:
-        return FallbackSummarizer(primary, ExtractiveSummarizer())
+        return FallbackSummarizer(primary, ExtractiveSummarizer(settings.summary_processes))
     return primary
