@@ -185,7 +185,7 @@ class _Features:
     tasks: list[bool]
 
     @classmethod
-    def find(cls, sentences: list[str]) -> _Features:
+    def find(cls, doc: str, sentences: list[str]) -> _Features:
         keys = list(map(str.strip, map(_TO_SPACE, map(str.casefold, map(_NFKC, sentences)))))
         lower = list(map(str.lower, sentences))
         ids = [
@@ -193,9 +193,8 @@ class _Features:
             for found in map(_ID.findall, sentences)
         ]
         # Rare, and costly to look for everywhere: only when their telltale sign is there.
-        text = "\n".join(sentences)
-        rare = [_EMAIL] if "@" in text else []
-        if "://" in text or "www." in text:
+        rare = [_EMAIL] if "@" in doc else []
+        if "://" in doc or "www." in doc:
             rare.append(_URL)
         for pattern in rare:
             for tokens, found in zip(ids, map(pattern.findall, sentences), strict=True):
@@ -266,7 +265,7 @@ def _candidates(previous: str | None, turns: Sequence[Turn], budget: int) -> lis
     ends = list(accumulate(len(u.text) + 1 for u in units))
     spans = sentence_spans(doc)
     sentences = [doc[start:end] for start, end in spans]
-    features = _Features.find(sentences)
+    features = _Features.find(doc, sentences)
     out: list[_Candidate] = []
     seen: dict[str, _Candidate] = {}
     known: set[str] = set()  # names, ids and numbers credited so far
