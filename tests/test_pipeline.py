@@ -207,6 +207,24 @@ async def test_two_daemons_at_once_give_the_result_of_one(
     assert not [k async for k in redis.scan_iter(match=f"consolidator:lease:*{prefix}*")]
 
 
+async def test_concurrency_beyond_a_hundred_connections_fails_no_session(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    # redis-py's asyncio pool refuses its 101st connection (MaxConnectionsError) instead of
+    # waiting: with more sessions in flight than that, most of a flush used to fail.
+    settings = make_settings(concurrency=160)
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        written = {}
+        for i in range(240):
+            key = rt.pattern.key_for(f"{prefix}wide{i}")
+            written[f"{prefix}wide{i}"] = await agents.conversation(redis, key, 9)
+        await rt.daemon.run_once()
+    for session_id, turns in written.items():
+        assert await archived(pg, session_id) == turns
+        hot = await redis.lrange(rt.pattern.key_for(session_id), 0, -1)
+        assert is_summary(hot[0]) and hot[1:] == turns[-4:]
+
+
 async def test_agent_that_trims_its_own_list_causes_no_duplicates_and_records_the_gap(
     runtime: Runtime, redis: Redis, pg: asyncpg.Connection
 ) -> None:

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from worker.config import Settings
@@ -31,16 +31,23 @@ class Runtime:
     metrics: Metrics
 
 
-def redis_client(url: str, timeout_s: float = 10.0) -> Redis:
+def redis_client(url: str, timeout_s: float = 10.0, concurrency: int = 16) -> Redis:
     # Bytes in, bytes out: the archive keeps the agent's elements byte for byte. The timeouts
     # turn a network partition into an error (then a backoff) instead of a silent hang.
-    return Redis.from_url(
+    # redis-py's default pool fails a command outright (MaxConnectionsError) once 100
+    # connections are in use, which failed most sessions of a flush at a concurrency above
+    # that; this pool waits for a free connection instead. A session in flight may hold two
+    # (its own commands and its lease renewal), and the scanner and probes need a few more.
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=2 * concurrency + 8,
+        timeout=timeout_s,
         decode_responses=False,
         health_check_interval=30,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
     )
+    return Redis.from_pool(pool)
 
 
 def database_engine(url: str, pool_size: int, timeout_s: float = 30.0) -> AsyncEngine:
@@ -69,7 +76,7 @@ async def open_runtime(
     metrics: Metrics | None = None,
 ) -> AsyncIterator[Runtime]:
     async with contextlib.AsyncExitStack() as stack:
-        redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+        redis = redis_client(settings.redis_url, settings.redis_timeout_s, settings.concurrency)
         stack.push_async_callback(redis.aclose)
         engine = database_engine(
             settings.database_url, settings.concurrency + 2, settings.database_timeout_s
