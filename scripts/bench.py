@@ -381,6 +381,30 @@ def _delta(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else after - before
 
 
+def cpu_wait_s(pid: int | str = "self") -> float | None:
+    """Seconds the process has spent runnable but waiting for a CPU (the kernel's schedstat),
+    or None where the kernel does not keep it."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+async def local_redis_pid(redis: Redis) -> int | None:
+    """The Redis server's pid when it runs on this machine, else None."""
+    pid = int((await redis.info("server"))["process_id"])
+    return pid if _command_name(pid).startswith("redis") else None
+
+
+def _command_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read()
+    except OSError:
+        return ""
+
+
 async def redis_cpu(redis: Redis) -> float:
     info = await redis.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
@@ -887,6 +911,9 @@ class AgentRun:
     rate: float
     redis_us: dict[str, float] = field(default_factory=dict)  # Redis's own time per command
     daemon_busy: bool | None = None
+    # Share of the window each spent runnable but without a CPU (schedstat), when known.
+    agents_cpu_wait: float | None = None
+    redis_cpu_wait: float | None = None
 
 
 AGENT_COMMANDS = ("rpush", "expire", "lrange")
@@ -936,9 +963,12 @@ async def agents_main(url: str, pattern: str, sessions: int, rate: float, second
     begin = time.perf_counter()
     measured_from = begin + warmup_s
     i = 0
+    waited_before: float | None = None
     while (due := begin + i / rate) < measured_from + seconds:
         if (pause := due - time.perf_counter()) > 0:
             await asyncio.sleep(pause)
+        if waited_before is None and due >= measured_from:
+            waited_before = cpu_wait_s()
         for op in (append(rng.choice(keys)), read(rng.choice(keys))):
             task = asyncio.create_task(op)
             tasks.add(task)
@@ -946,6 +976,7 @@ async def agents_main(url: str, pattern: str, sessions: int, rate: float, second
         i += 1
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - measured_from
+    waited = _delta(waited_before, cpu_wait_s())
     await redis.aclose()
     print(
         json.dumps(
@@ -953,6 +984,7 @@ async def agents_main(url: str, pattern: str, sessions: int, rate: float, second
                 "append": _percentiles(appends),
                 "read": _percentiles(reads),
                 "rate": len(appends) / elapsed,
+                "cpu_wait": None if waited is None else waited / elapsed,
             }
         )
     )
@@ -965,6 +997,9 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 
 async def run_agents(o: Options, redis: Redis, pattern: str) -> AgentRun:
     before = await command_usec(redis)
+    redis_pid = await local_redis_pid(redis)
+    redis_waited = None if redis_pid is None else cpu_wait_s(redis_pid)
+    started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         SELF,
@@ -981,6 +1016,8 @@ async def run_agents(o: Options, redis: Redis, pattern: str) -> AgentRun:
     if proc.returncode != 0:
         raise RuntimeError("the agents' process failed")
     data = json.loads(out.decode().strip().splitlines()[-1])
+    redis_waited = _delta(redis_waited, None if redis_pid is None else cpu_wait_s(redis_pid))
+    elapsed = time.perf_counter() - started
     after = await command_usec(redis)
     # Mean time Redis itself spent on each command (every client's, the agents' by far most).
     served = {
@@ -988,7 +1025,14 @@ async def run_agents(o: Options, redis: Redis, pattern: str) -> AgentRun:
         for name in AGENT_COMMANDS
         if name in after and name in before and after[name][0] > before[name][0]
     }
-    return AgentRun(Latency(**data["append"]), Latency(**data["read"]), float(data["rate"]), served)
+    return AgentRun(
+        Latency(**data["append"]),
+        Latency(**data["read"]),
+        float(data["rate"]),
+        served,
+        agents_cpu_wait=data["cpu_wait"],
+        redis_cpu_wait=None if redis_waited is None else redis_waited / elapsed,
+    )
 
 
 async def wait_for_archiving(daemon: Daemon) -> None:
@@ -1054,6 +1098,10 @@ def _pg_share(t: Throughput) -> str:
         return ""
     copy = "" if t.copy_postgres_cpu_s is None else f" (the COPY: {t.copy_postgres_cpu_s:.1f} s)"
     return f", and PostgreSQL {t.flush_postgres_cpu_s:.1f} s over the same run{copy}"
+
+
+def _share(part: float | None) -> str:
+    return "n/a" if part is None else f"{100 * part:.1f}%"
 
 
 def _mark(ok: bool) -> str:
@@ -1245,16 +1293,18 @@ def _details(r: Report) -> list[str]:
             f"agent, while `consolidator flush --all` works through {o.sessions:,} sessions "
             "(the agents' own sessions among them). Redis µs/call is Redis's own time per "
             "command (INFO commandstats) over the window: what the server spends, without the "
-            "waiting for a CPU that the agents' timings include on a shared machine.",
+            "waiting for a CPU that the agents' timings include on a shared machine. CPU wait is "
+            "that waiting, from the kernel (/proc/PID/schedstat): the share of the window the "
+            "agents' process, and Redis, were ready to run but had no CPU.",
             "",
             "| | append p50 | append p99 | read p50 | read p99 | ops/s | Redis µs/call "
-            "RPUSH · EXPIRE · LRANGE |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "RPUSH · EXPIRE · LRANGE | CPU wait: agents · Redis |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
             *(
                 f"| {name} | {run.append.p50_ms:.2f} ms | {run.append.p99_ms:.2f} ms | "
                 f"{run.read.p50_ms:.2f} ms | {run.read.p99_ms:.2f} ms | {run.rate:,.0f} | "
                 + " · ".join(f"{run.redis_us.get(c, 0):.1f}" for c in AGENT_COMMANDS)
-                + " |"
+                + f" | {_share(run.agents_cpu_wait)} · {_share(run.redis_cpu_wait)} |"
                 for name, run in runs
             ),
             "",
