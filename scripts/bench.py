@@ -365,10 +365,10 @@ def postgres_cpu() -> float | None:
     tick = os.sysconf("SC_CLK_TCK")
     total, found = 0, False
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if not _command_name(int(pid)).startswith("postgres"):
+            continue
         try:
-            with open(f"/proc/{pid}/comm") as comm, open(f"/proc/{pid}/stat") as stat:
-                if not comm.read().startswith("postgres"):
-                    continue
+            with open(f"/proc/{pid}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue

@@ -20,8 +20,9 @@ import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
+
+from tests.servers import Started
 
 T = TypeVar("T")
 _CHUNK = 64 * 1024
@@ -35,7 +36,7 @@ class ProxyStats:
     refused_at: list[float] = field(default_factory=list)  # time.monotonic() of each refusal
 
 
-class FaultProxy:
+class FaultProxy(Started):
     def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         self.host = host
@@ -97,18 +98,6 @@ class FaultProxy:
 
     def refusals_between(self, start: float, end: float) -> int:
         return sum(1 for t in list(self.stats.refused_at) if start <= t <= end)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         assert self._loop is not None, "the proxy is not started"

@@ -81,7 +81,29 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-class PrivateRedis:
+class Started:
+    """A test server as a context manager: started on entry, closed (and cleaned up) on exit."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class PrivateRedis(Started):
     """A redis-server child process on a free port.
 
     `stop()` shuts it down cleanly, `kill()` with SIGKILL; `start()` brings it back on the same
@@ -161,18 +183,6 @@ class PrivateRedis:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _as_postgres(argv: list[str]) -> list[str]:
     """argv run as the postgres user when we are root (PostgreSQL refuses root)."""
@@ -238,7 +248,7 @@ def _template_cluster() -> Path:
     return data
 
 
-class PrivatePostgres:
+class PrivatePostgres(Started):
     """A PostgreSQL cluster of its own, on a free port, with trust authentication.
 
     `stop()` is a fast (clean) shutdown, `kill()` an immediate one (as after a crash: recovery
@@ -327,15 +337,3 @@ class PrivatePostgres:
         with contextlib.suppress(Exception):
             self._stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
