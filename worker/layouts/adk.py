@@ -29,7 +29,7 @@ import orjson
 
 from worker.domain import SessionRef, Turn
 from worker.layouts import jsonspan
-from worker.layouts.base import DecodeError, Storage, load_object, parse_timestamp
+from worker.layouts.base import DecodeError, Storage, load_object
 from worker.layouts.contents import read_parts
 
 ROLES = frozenset({"user", "model"})
@@ -52,15 +52,7 @@ class AdkLayout:
             role = "user" if event.get("author") == "user" else "model"
         if not isinstance(role, str) or role not in ROLES:
             raise DecodeError(f"unknown role {role!r} in an ADK event")
-        parts = read_parts(content.get("parts"))
-        return Turn(
-            role=role,
-            text=parts.text,
-            raw=raw,
-            created_at=parse_timestamp(event.get("timestamp")),
-            tool_calls=parts.calls,
-            tool_results=parts.results,
-        )
+        return read_parts(content.get("parts")).turn(role, raw, event.get("timestamp"))
 
     def summary_elements(
         self,

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from worker.layouts.base import DecodeError, unpaired_id
+from worker.domain import Turn
+from worker.layouts.base import DecodeError, parse_timestamp, unpaired_id
 
 # Tool arguments and results are rendered into the turn's text (for search and the summarizer)
 # up to this many characters; the raw element keeps all of it.
@@ -23,6 +24,17 @@ class Parts:
     text: str
     calls: frozenset[str]
     results: frozenset[str]
+
+    def turn(self, role: str, raw: bytes, timestamp: object) -> Turn:
+        """The turn a content with these parts is: its text and tool ids, the raw element kept."""
+        return Turn(
+            role=role,
+            text=self.text,
+            raw=raw,
+            created_at=parse_timestamp(timestamp),
+            tool_calls=self.calls,
+            tool_results=self.results,
+        )
 
 
 def read_parts(parts: object) -> Parts:

@@ -22,7 +22,7 @@ from typing import Any
 
 from worker.domain import SessionRef, Turn
 from worker.layouts import jsonspan
-from worker.layouts.base import DecodeError, Storage, load_object, parse_timestamp
+from worker.layouts.base import DecodeError, Storage, load_object
 from worker.layouts.contents import read_parts
 
 ROLES = frozenset({"user", "model"})
@@ -50,15 +50,7 @@ class GeminiLayout:
             parts = read_parts([obj["text"]])
         else:
             raise DecodeError("a content needs parts (or text)")
-        stamp = next((obj[k] for k in _TIME_KEYS if k in obj), None)
-        return Turn(
-            role=role,
-            text=parts.text,
-            raw=raw,
-            created_at=parse_timestamp(stamp),
-            tool_calls=parts.calls,
-            tool_results=parts.results,
-        )
+        return parts.turn(role, raw, next((obj[k] for k in _TIME_KEYS if k in obj), None))
 
     def summary_elements(
         self,
