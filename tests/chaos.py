@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -991,6 +991,23 @@ async def kill_and_restart(
     await asyncio.gather(*(chaos(d) for d in daemons))
 
 
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str
+) -> float:
+    """Poll an async predicate until it holds; the seconds it took."""
+    started = time.monotonic()
+    while True:
+        if await predicate():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def more_than(count: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await count() > n
+
+
 async def flap(
     proxy: FaultProxy,
     *,
@@ -1008,6 +1025,50 @@ async def flap(
         await asyncio.sleep(rng.uniform(*down_s))
         proxy.restore()
     return proxy.stats.severed - severed
+
+
+@dataclass
+class Disruption:
+    severed: int  # connections the flaps cut mid-flight
+    noticed_s: float  # until the daemon noticed the partition
+    resumed_after: list[float]  # until it consolidated again: after the flaps, after the partition
+
+
+async def flaps_then_partition(
+    proxy: FaultProxy,
+    daemon: Daemon,
+    applied: Callable[[], Awaitable[int]],
+    *,
+    flaps: int,
+    partition_s: float,
+) -> Disruption:
+    """Short cuts of the daemon's connections in quick succession (they die mid-command,
+    mid-commit, mid-script), then a partition: every byte swallowed, nothing refused, nothing
+    closed. The daemon must notice the partition (its calls time out) rather than hang holding
+    its leases, and consolidate again (`applied` counts up) after each."""
+    resumed_after: list[float] = []
+    severed = await flap(proxy, count=flaps, rng=random.Random(SEED))
+    done_before = await applied()
+    resumed_after.append(
+        await wait_until(
+            lambda: more_than(applied, done_before), 90, "consolidations after the flaps"
+        )
+    )
+    failed_before = daemon.count("pass_failed")
+    proxy.blackhole()
+    partitioned_at = time.monotonic()
+    noticed_s = await wait_until(
+        lambda: daemon.logged_more("pass_failed", failed_before),
+        60,
+        "the daemon to notice the partition",
+    )
+    await asyncio.sleep(max(partition_s - (time.monotonic() - partitioned_at), 0.0))
+    done_before = await applied()
+    proxy.restore()
+    resumed_after.append(
+        await wait_until(lambda: more_than(applied, done_before), 90, "consolidations after it")
+    )
+    return Disruption(severed, noticed_s, resumed_after)
 
 
 async def one_off_flushes(

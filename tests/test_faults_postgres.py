@@ -11,10 +11,8 @@ turn is ever missing from both tiers.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -24,7 +22,6 @@ from sqlalchemy.engine import make_url
 
 from tests.chaos import (
     REDIS_URL,
-    SEED,
     Daemon,
     Figures,
     Monitor,
@@ -34,12 +31,14 @@ from tests.chaos import (
     daemon_env,
     delete_prefix,
     final_flush,
-    flap,
+    flaps_then_partition,
     fresh_database,
     key_for,
+    more_than,
     plain_dsn,
     record,
     scaled,
+    wait_until,
 )
 from tests.proxy import FaultProxy
 from tests.servers import free_port
@@ -52,23 +51,6 @@ LEASE_TTL_S = 3.0
 def through(proxy: FaultProxy, database_url: str) -> str:
     url = make_url(database_url).set(host=proxy.host, port=proxy.port)
     return url.render_as_string(hide_password=False)
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str
-) -> float:
-    """Poll an async predicate until it holds; the seconds it took."""
-    started = time.monotonic()
-    while True:
-        if await predicate():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def more_than(count: Callable[[], Awaitable[int]], n: int) -> bool:
-    return await count() > n
 
 
 async def hot_lists(redis: Redis, prefix: str, sessions: list[str]) -> dict[str, list[bytes]]:
@@ -168,33 +150,11 @@ async def test_postgres_cut_mid_run_rewrites_nothing_and_resumes_by_itself(
                     )
                 )
 
-            # Then short cuts in quick succession: connections die mid-query and mid-commit.
-            severed = await flap(proxy, count=flaps, rng=random.Random(SEED))
-            done_before = await applied()
-            resumed_after.append(
-                await wait_until(
-                    lambda: more_than(applied, done_before), 90, "consolidations after the flaps"
-                )
+            # Then short cuts in quick succession, and a partition.
+            disruption = await flaps_then_partition(
+                proxy, daemon, applied, flaps=flaps, partition_s=partition_s
             )
-
-            # Then a partition: every byte swallowed, nothing refused, nothing closed. The
-            # daemon must notice (its statements time out), not hang holding its leases.
-            failed_before = daemon.count("pass_failed")
-            proxy.blackhole()
-            partitioned_at = time.monotonic()
-            noticed = await wait_until(
-                lambda: daemon.logged_more("pass_failed", failed_before),
-                60,
-                "the daemon to notice the partition",
-            )
-            await asyncio.sleep(max(partition_s - (time.monotonic() - partitioned_at), 0.0))
-            done_before = await applied()
-            proxy.restore()
-            resumed_after.append(
-                await wait_until(
-                    lambda: more_than(applied, done_before), 90, "consolidations after it"
-                )
-            )
+            resumed_after += disruption.resumed_after
             await fleet.finish()
             code, took = await daemon.terminate()
             await monitor.stop()
@@ -220,8 +180,9 @@ async def test_postgres_cut_mid_run_rewrites_nothing_and_resumes_by_itself(
                         f"/readyz 503 after {max(not_ready_after):.1f} s; resumed "
                         f"{max(resumed_after):.1f} s after the database returned; "
                         f"{max(attempts_per_s):.1f} connection attempts/s while away; "
-                        f"{len(rewritten_during)} rewrites while away; {severed} connections "
-                        f"cut mid-flight; partition noticed after {noticed:.1f} s; "
+                        f"{len(rewritten_during)} rewrites while away; {disruption.severed} "
+                        "connections cut mid-flight; partition noticed after "
+                        f"{disruption.noticed_s:.1f} s; "
                         f"{failed_sessions} sessions failed, {failed_passes} passes backed off"
                     ),
                 )

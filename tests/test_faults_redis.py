@@ -14,7 +14,6 @@ archived exactly once.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +24,6 @@ from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.chaos import (
-    SEED,
     Daemon,
     Figures,
     Monitor,
@@ -34,15 +32,16 @@ from tests.chaos import (
     audit,
     daemon_env,
     final_flush,
-    flap,
+    flaps_then_partition,
     fresh_database,
+    more_than,
     plain_dsn,
     record,
     scaled,
+    wait_until,
 )
 from tests.proxy import FaultProxy
 from tests.servers import PrivateRedis, free_port
-from tests.test_faults_postgres import more_than, wait_until
 from worker.hot.keys import lease_key
 from worker.hot.leases import claim
 from worker.hot.scripts import Scripts
@@ -125,31 +124,11 @@ async def test_redis_restarted_mid_run_daemon_reconnects_and_goes_on(tmp_path: P
                         "the daemon to consolidate again",
                     )
                 )
-            # Then short cuts of the daemon's connections, mid-command and mid-script.
-            severed = await flap(proxy, count=flaps, rng=random.Random(SEED))
-            done_before = await applied()
-            resumed_after.append(
-                await wait_until(
-                    lambda: more_than(applied, done_before), 90, "consolidations after the flaps"
-                )
+            # Then short cuts of the daemon's connections, and a partition.
+            disruption = await flaps_then_partition(
+                proxy, daemon, applied, flaps=flaps, partition_s=partition_s
             )
-            # Then a partition between the daemon and Redis: nothing refused, nothing answered.
-            failed_before = daemon.count("pass_failed")
-            proxy.blackhole()
-            partitioned_at = time.monotonic()
-            noticed = await wait_until(
-                lambda: daemon.logged_more("pass_failed", failed_before),
-                60,
-                "the daemon to notice the partition",
-            )
-            await asyncio.sleep(max(partition_s - (time.monotonic() - partitioned_at), 0.0))
-            done_before = await applied()
-            proxy.restore()
-            resumed_after.append(
-                await wait_until(
-                    lambda: more_than(applied, done_before), 90, "consolidations after it"
-                )
-            )
+            resumed_after += disruption.resumed_after
             await fleet.finish()
             code, took = await daemon.terminate()
             await monitor.stop()
@@ -172,8 +151,8 @@ async def test_redis_restarted_mid_run_daemon_reconnects_and_goes_on(tmp_path: P
                     ),
                     seen=(
                         f"resumed {max(resumed_after):.1f} s after Redis returned; "
-                        f"{backed_off} passes backed off; {severed} connections cut "
-                        f"mid-flight; partition noticed after {noticed:.1f} s; "
+                        f"{backed_off} passes backed off; {disruption.severed} connections cut "
+                        f"mid-flight; partition noticed after {disruption.noticed_s:.1f} s; "
                         f"{written.total_uncertain} pushes unanswered by the dying Redis, "
                         f"{result.uncertain_landed} of which had landed (archived once)"
                     ),

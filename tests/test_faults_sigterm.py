@@ -33,8 +33,8 @@ from tests.chaos import (
     lease_glob,
     plain_dsn,
     record,
+    wait_until,
 )
-from tests.test_faults_postgres import wait_until
 from worker.testing.gemini_server import GeminiServer, RecordedRequest, Reply
 
 pytestmark = [pytest.mark.fault, pytest.mark.soak]

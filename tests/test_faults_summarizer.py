@@ -35,12 +35,13 @@ from tests.chaos import (
     final_flush,
     fresh_database,
     hot_list,
+    more_than,
     plain_dsn,
     record,
     scaled,
+    wait_until,
 )
 from tests.servers import free_port
-from tests.test_faults_postgres import more_than, wait_until
 from worker.config import Settings
 from worker.domain import SummaryText, Turn
 from worker.runtime import open_runtime
