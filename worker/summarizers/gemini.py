@@ -7,18 +7,23 @@ the fleet-wide view of the model from this process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import aiohttp
 import structlog
+from aiohttp.helpers import BasicAuth, get_env_proxy_for_url
 from aiolimiter import AsyncLimiter
 from google import genai
 from google.genai import types
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
+from yarl import URL
 
 from worker.domain import SummaryText, Turn
 from worker.summarizers.base import (
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 DEFAULT_MODEL = "gemini-3.5-flash"
+GEMINI_API_URL = "https://generativelanguage.googleapis.com/"
 CHARS_PER_TOKEN = 4  # the estimate the token limiter works with
 
 SYSTEM_INSTRUCTION = """\
@@ -82,6 +88,53 @@ def default_thinking_level(model: str) -> str | None:
     return "LOW" if model.removeprefix("models/").startswith("gemini-3") else None
 
 
+def model_session(base_url: str) -> aiohttp.ClientSession:
+    """The HTTP session for the model's endpoint, with the environment's proxy looked up once.
+
+    google-genai's own session sets aiohttp's `trust_env`, which looks the proxy up and reads
+    ~/.netrc in a worker thread on every request: a third of the client's CPU per call
+    (measured: 3.9 ms a call against 2.6 ms with this session). The proxy the environment
+    names for the endpoint (HTTPS_PROXY or HTTP_PROXY, NO_PROXY, credentials in the proxy's URL
+    or in ~/.netrc) is the same one, found here at start-up instead.
+    """
+    proxy: URL | None = None
+    proxy_auth: BasicAuth | None = None
+    with contextlib.suppress(LookupError):  # no proxy for this endpoint
+        proxy, proxy_auth = get_env_proxy_for_url(URL(base_url))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),  # the rate limiter bounds requests, as the SDK's
+        proxy=proxy,
+        proxy_auth=proxy_auth,
+        read_bufsize=2**22,  # the SDK's own: a long answer's lines fit
+    )
+
+
+def _own_session_fits(http_options: types.HttpOptions | None) -> bool:
+    """Whether the client can take `model_session`: not on Vertex AI, whose sessions carry
+    google-auth's credentials, nor when the caller chose the transport, and only where an
+    event loop runs (an aiohttp session belongs to one)."""
+    if vertex_requested():
+        return False
+    if http_options is not None and (
+        http_options.aiohttp_client is not None
+        or http_options.httpx_async_client is not None
+        or http_options.async_client_args
+    ):
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _base_url(http_options: types.HttpOptions | None) -> str:
+    """The endpoint the SDK will call, found as it finds it (off Vertex AI)."""
+    if http_options is not None and http_options.base_url:
+        return http_options.base_url
+    return os.environ.get("GOOGLE_GEMINI_BASE_URL") or GEMINI_API_URL
+
+
 class GeminiSummarizer:
     name = "gemini"
 
@@ -115,12 +168,23 @@ class GeminiSummarizer:
         The latency recorded in a SummaryText is the whole call: limiter waits and retries too.
         """
         self._owns_client = client is None
+        self._session: aiohttp.ClientSession | None = None
         if client is None:
-            client = (
-                genai.Client(api_key=api_key, http_options=http_options)
-                if api_key
-                else genai.Client(http_options=http_options)
-            )
+            if _own_session_fits(http_options):
+                self._session = model_session(_base_url(http_options))
+                http_options = (http_options or types.HttpOptions()).model_copy(
+                    update={"aiohttp_client": self._session}
+                )
+            try:
+                client = (
+                    genai.Client(api_key=api_key, http_options=http_options)
+                    if api_key
+                    else genai.Client(http_options=http_options)
+                )
+            except BaseException:
+                if self._session is not None:
+                    self._session.detach()  # closed at once: it never opened a connection
+                raise
         self._client = client
         self.model = model
         self._timeout_s = timeout_s
@@ -247,6 +311,8 @@ class GeminiSummarizer:
         if self._owns_client:
             await self._client.aio.aclose()
             self._client.close()
+        if self._session is not None:
+            await self._session.close()
 
     async def _generate(self, prompt: str) -> types.GenerateContentResponse:
         estimate = (len(SYSTEM_INSTRUCTION) + len(prompt)) // CHARS_PER_TOKEN
