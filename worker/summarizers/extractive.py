@@ -164,8 +164,21 @@ def _credit(found: list[str], known: set[str], weight: float, cap: int = 2) -> f
     return weight * min(len(fresh), cap) + 0.2 * weight * min(len(found) - len(fresh), cap)
 
 
-_NFKC = partial(unicodedata.normalize, "NFKC")  # leaves ASCII as it is, at once
+_NFKC = partial(unicodedata.normalize, "NFKC")
 _TO_SPACE = partial(_NON_WORD.sub, " ")
+# On ASCII, NFKC and case folding change nothing but the case, and every character but a letter
+# or a digit is what the substitution replaces: one byte table does it all, in C (measured: a
+# third of the time of the three steps).
+_ASCII_FOLD = bytes(
+    c + 32 if 65 <= c <= 90 else c if 48 <= c <= 57 or 97 <= c <= 122 else 32 for c in range(256)
+)
+
+
+def comparison_key(sentence: str) -> str:
+    """`sentence` with case, width and punctuation gone: what makes two sentences the same."""
+    if sentence.isascii():
+        return b" ".join(sentence.encode().translate(_ASCII_FOLD).split()).decode()
+    return _TO_SPACE(_NFKC(sentence).casefold()).strip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +199,7 @@ class _Features:
 
     @classmethod
     def find(cls, doc: str, sentences: list[str]) -> _Features:
-        keys = list(map(str.strip, map(_TO_SPACE, map(str.casefold, map(_NFKC, sentences)))))
+        keys = list(map(comparison_key, sentences))
         lower = list(map(str.lower, sentences))
         ids = [
             [t for t in found if not (_DIGITS.isdisjoint(t) or _CAPITALS.isdisjoint(t))]
