@@ -175,7 +175,7 @@ class GeminiSummarizer:
         )
         if client is None:
             # Set on the client they cost nothing per call; in each call's config the SDK
-            # converts and merges them every time (measured: about a third of its CPU a call).
+            # converts and merges them every time (measured: 2.85 -> 2.5 ms of CPU a summary).
             update: dict[str, object] = {
                 "timeout": per_call.timeout,
                 "retry_options": per_call.retry_options,
