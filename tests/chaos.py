@@ -320,6 +320,13 @@ class Daemon:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    async def ready(self) -> bool:
+        return (await self.http_get("/readyz"))[0] == 200
+
+    async def not_ready(self) -> bool:
+        """/readyz answers 503 (an answer: a daemon that does not answer is not this)."""
+        return (await self.http_get("/readyz"))[0] == 503
+
     async def http_get(self, path: str) -> tuple[int, str]:
         """GET on the daemon's metrics port: (status, body), (0, error) when nobody answers."""
         port = self.metrics_port
@@ -605,16 +612,15 @@ class Monitor:
         *,
         redis: Redis,
         database_url: str,
-        prefix: str,
-        logs: Iterable[WriterLog],
+        fleet: WriterFleet,
         lease_ttl_ms: int,
         interval_s: float = 0.25,
     ) -> None:
         self.redis = redis
         self.database_url = database_url
         self.pg: asyncpg.Connection | None = None  # its own: the test uses its connection too
-        self.prefix = prefix
-        self.logs = list(logs)
+        self.prefix = fleet.prefix
+        self.logs = list(fleet.logs.values())
         self.lease_ttl_ms = lease_ttl_ms
         self.interval_s = interval_s
         self.written = Written()
@@ -989,6 +995,11 @@ async def kill_and_restart(
             daemon.start()
 
     await asyncio.gather(*(chaos(d) for d in daemons))
+
+
+async def applied_summaries(pg: asyncpg.Connection) -> int:
+    """Summaries written to Redis and marked so in the archive: consolidations done."""
+    return int(await pg.fetchval("SELECT count(*) FROM summaries WHERE applied = 1"))
 
 
 async def wait_until(

@@ -86,8 +86,7 @@ async def test_replicas_killed_at_random_lose_and_duplicate_nothing(tmp_path: Pa
         monitor = Monitor(
             redis=redis,
             database_url=database_url,
-            prefix=prefix,
-            logs=fleet.logs.values(),
+            fleet=fleet,
             lease_ttl_ms=int(LEASE_TTL_S * 1000),
         )
         stats = ChaosStats()

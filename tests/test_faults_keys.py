@@ -194,8 +194,7 @@ async def test_sessions_about_to_expire_are_archived_before_redis_deletes_them(
         monitor = Monitor(
             redis=redis,
             database_url=database_url,
-            prefix=prefix,
-            logs=fleet.logs.values(),
+            fleet=fleet,
             lease_ttl_ms=2000,
         )
         started = time.monotonic()

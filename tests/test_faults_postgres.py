@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -26,6 +27,7 @@ from tests.chaos import (
     Figures,
     Monitor,
     WriterFleet,
+    applied_summaries,
     assign_sessions,
     audit,
     daemon_env,
@@ -97,20 +99,11 @@ async def test_postgres_cut_mid_run_rewrites_nothing_and_resumes_by_itself(
         monitor = Monitor(
             redis=redis,
             database_url=database_url,
-            prefix=prefix,
-            logs=fleet.logs.values(),
+            fleet=fleet,
             lease_ttl_ms=int(LEASE_TTL_S * 1000),
         )
 
-        async def ready() -> bool:
-            return (await daemon.http_get("/readyz"))[0] == 200
-
-        async def not_ready() -> bool:
-            return (await daemon.http_get("/readyz"))[0] == 503
-
-        async def applied() -> int:
-            return int(await pg.fetchval("SELECT count(*) FROM summaries WHERE applied = 1"))
-
+        applied = partial(applied_summaries, pg)
         not_ready_after: list[float] = []
         resumed_after: list[float] = []
         attempts_per_s: list[float] = []
@@ -121,13 +114,13 @@ async def test_postgres_cut_mid_run_rewrites_nothing_and_resumes_by_itself(
             fleet.start()
             await monitor.start()
             await daemon.wait_started()
-            await wait_until(ready, 30, "the daemon to be ready")
+            await wait_until(daemon.ready, 30, "the daemon to be ready")
             await wait_until(lambda: more_than(applied, 0), 60, "first consolidations")
 
             for _ in range(outages):
                 proxy.cut()
                 cut_at = time.monotonic()
-                not_ready_after.append(await wait_until(not_ready, 10, "/readyz to say 503"))
+                not_ready_after.append(await wait_until(daemon.not_ready, 10, "/readyz to say 503"))
                 await asyncio.sleep(1.0)  # a rewrite whose summary was recorded may still land
                 before = await hot_lists(redis, prefix, sessions)
                 settled_at = time.monotonic()
@@ -141,7 +134,7 @@ async def test_postgres_cut_mid_run_rewrites_nothing_and_resumes_by_itself(
                 assert daemon.running, daemon.tail()
                 done_before = await applied()
                 proxy.restore()
-                await wait_until(ready, 30, "/readyz to say 200 again")
+                await wait_until(daemon.ready, 30, "/readyz to say 200 again")
                 resumed_after.append(
                     await wait_until(
                         lambda n=done_before: more_than(applied, n),  # type: ignore[misc]

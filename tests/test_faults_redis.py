@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -28,6 +29,7 @@ from tests.chaos import (
     Figures,
     Monitor,
     WriterFleet,
+    applied_summaries,
     assign_sessions,
     audit,
     daemon_env,
@@ -85,20 +87,11 @@ async def test_redis_restarted_mid_run_daemon_reconnects_and_goes_on(tmp_path: P
         monitor = Monitor(
             redis=redis,
             database_url=database_url,
-            prefix=prefix,
-            logs=fleet.logs.values(),
+            fleet=fleet,
             lease_ttl_ms=int(LEASE_TTL_S * 1000),
         )
 
-        async def ready() -> bool:
-            return (await daemon.http_get("/readyz"))[0] == 200
-
-        async def not_ready() -> bool:
-            return (await daemon.http_get("/readyz"))[0] == 503
-
-        async def applied() -> int:
-            return int(await pg.fetchval("SELECT count(*) FROM summaries WHERE applied = 1"))
-
+        applied = partial(applied_summaries, pg)
         resumed_after: list[float] = []
         started = time.monotonic()
         try:
@@ -106,17 +99,17 @@ async def test_redis_restarted_mid_run_daemon_reconnects_and_goes_on(tmp_path: P
             fleet.start()
             await monitor.start()
             await daemon.wait_started()
-            await wait_until(ready, 30, "the daemon to be ready")
+            await wait_until(daemon.ready, 30, "the daemon to be ready")
             await wait_until(lambda: more_than(applied, 0), 60, "first consolidations")
             for i in range(restarts):
                 # Alternately a crash and a clean shutdown of Redis.
                 await asyncio.to_thread(server.kill if i % 2 == 0 else server.stop)
-                await wait_until(not_ready, 10, "/readyz to say 503")
+                await wait_until(daemon.not_ready, 10, "/readyz to say 503")
                 await asyncio.sleep(down_s)
                 assert daemon.running, daemon.tail()
                 done_before = await applied()
                 await asyncio.to_thread(server.start)
-                await wait_until(ready, 30, "/readyz to say 200 again")
+                await wait_until(daemon.ready, 30, "/readyz to say 200 again")
                 resumed_after.append(
                     await wait_until(
                         lambda n=done_before: more_than(applied, n),  # type: ignore[misc]
