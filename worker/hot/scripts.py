@@ -30,16 +30,6 @@ def _swap_result(reply: object) -> SwapResult:
     return SwapResult(Swap(int(reply[0])), int(reply[1] or 0))
 
 
-def elements_sha1(elements: Sequence[bytes]) -> str:
-    """The digest the scripts compute over a run of list elements."""
-    h = hashlib.sha1(usedforsecurity=False)
-    for element in elements:
-        h.update(str(len(element)).encode())
-        h.update(b":")
-        h.update(element)
-    return h.hexdigest()
-
-
 def value_sha1(value: bytes) -> str:
     return hashlib.sha1(value, usedforsecurity=False).hexdigest()
 
@@ -71,8 +61,8 @@ class Scripts:
         args: list[str | bytes | int] = [
             token,
             len(prefix),
-            elements_sha1(prefix),
             "1" if newest_first else "0",
+            *prefix,
             *replacement,
         ]
         return _swap_result(await self._replace_prefix(keys=[key, lease], args=args))
@@ -84,7 +74,7 @@ class Scripts:
         return _swap_result(await self._replace_value(keys=[key, lease], args=args))
 
     async def delete_list(self, key: str, lease: str, token: str, stored: Sequence[bytes]) -> Swap:
-        args = [token, elements_sha1(stored)]
+        args: list[str | bytes] = [token, *stored]
         return Swap(int(await self._delete_list(keys=[key, lease], args=args)))
 
     async def release(self, lease: str, token: str) -> bool:
