@@ -1071,6 +1071,42 @@ async def wait_for_archiving(daemon: Daemon) -> None:
         await conn.close()
 
 
+@dataclass
+class CopyLoad:
+    """PostgreSQL kept busy by bare COPYs, with no daemon anywhere."""
+
+    rows: int = 0
+    seconds: float = 0.0
+
+
+@contextlib.asynccontextmanager
+async def postgres_copying(rows: list[tuple[Any, ...]]) -> AsyncIterator[CopyLoad]:
+    """The same rows COPYed into a scratch copy of the turns table (its indexes included) over
+    and over, on one connection: what PostgreSQL archiving at full speed costs the agents when
+    it shares their machine, whoever sends it the rows."""
+    load = CopyLoad()
+    conn = await asyncpg.connect(_plain(BENCH_URL))
+    await conn.execute("CREATE TEMP TABLE copied (LIKE turns INCLUDING ALL)")
+    stop = asyncio.Event()
+
+    async def copy_until_stopped() -> None:
+        started = time.perf_counter()
+        while not stop.is_set():
+            async with conn.transaction():
+                await conn.copy_records_to_table("copied", records=rows, columns=list(TURN_COLUMNS))
+                await conn.execute("TRUNCATE copied")
+            load.rows += len(rows)
+        load.seconds = time.perf_counter() - started
+
+    task = asyncio.create_task(copy_until_stopped())
+    try:
+        yield load
+    finally:
+        stop.set()
+        await task
+        await conn.close()
+
+
 async def bench_agents(o: Options, redis: Redis, prefix: str, report: Report) -> None:
     pattern = f"{prefix}conversation:{{id}}:history"
     say(f"4. agents' latency: {o.agent_rate:.0f} appends/s and reads/s, {o.agent_seconds:.0f} s")
@@ -1082,6 +1118,11 @@ async def bench_agents(o: Options, redis: Redis, prefix: str, report: Report) ->
     say(f"   alone: append p99 {report.agents_alone.append.p99_ms:.2f} ms")
 
     sessions = {f"s{i:06d}": s for i, s in enumerate(work.sessions(o.sessions, o.turns_mean))}
+    _, turn_rows = copy_rows(dict(list(sessions.items())[:100]), pattern)
+    async with postgres_copying(turn_rows) as load:
+        report.agents_postgres = await run_agents(o, redis, pattern)
+    report.postgres_load = load
+    say(f"   PostgreSQL copying alone: append p99 {report.agents_postgres.append.p99_ms:.2f} ms")
     env = daemon_env(pattern, CONSOLIDATOR_CONCURRENCY=o.concurrency)
     for nice in o.daemon_nice:
         await truncate_archive()
@@ -1116,6 +1157,8 @@ class Report:
     memory: list[MemoryRun] = field(default_factory=list)
     agents_alone: AgentRun | None = None
     agents_busy: dict[int, AgentRun] = field(default_factory=dict)  # by the daemon's niceness
+    agents_postgres: AgentRun | None = None  # PostgreSQL busy with bare COPYs, no daemon
+    postgres_load: CopyLoad | None = None
 
 
 def _pg_share(t: Throughput) -> str:
@@ -1207,6 +1250,17 @@ def render(r: Report, command: str) -> str:
                     f"{up_append:+.2f} ms / {up_read:+.2f} ms",
                     "< 1 ms" if i == 0 else "",
                     _mark(max(up_append, up_read) < 1 and bool(b.daemon_busy)) if i == 0 else "",
+                )
+            )
+        if p := r.agents_postgres:
+            rows.append(
+                (
+                    "4 agents' p99 raised by PostgreSQL alone copying rows, no daemon "
+                    "(append / read)",
+                    f"{p.append.p99_ms - a.append.p99_ms:+.2f} ms / "
+                    f"{p.read.p99_ms - a.read.p99_ms:+.2f} ms",
+                    "",
+                    "",
                 )
             )
     if r.memory:
@@ -1318,7 +1372,11 @@ def _details(r: Report) -> list[str]:
             "",
         ]
     if r.agents_alone and r.agents_busy:
-        runs = [("without the daemon", r.agents_alone)] + [
+        runs = [("without the daemon", r.agents_alone)]
+        if r.agents_postgres and (load := r.postgres_load):
+            rate = load.rows / load.seconds if load.seconds else 0
+            runs.append((f"no daemon, PostgreSQL copying {rate:,.0f} rows/s", r.agents_postgres))
+        runs += [
             (f"daemon flushing, nice {nice}" + ("" if b.daemon_busy else " (finished early)"), b)
             for nice, b in r.agents_busy.items()
         ]
@@ -1331,7 +1389,10 @@ def _details(r: Report) -> list[str]:
             "command (INFO commandstats) over the window: what the server spends, without the "
             "waiting for a CPU that the agents' timings include on a shared machine. CPU wait is "
             "that waiting, from the kernel (/proc/PID/schedstat): the share of the window the "
-            "agents' process, and Redis, were ready to run but had no CPU.",
+            "agents' process, and Redis, were ready to run but had no CPU. The second row has "
+            "no daemon at all: PostgreSQL is kept busy by bare COPYs of the workload's rows into "
+            "a scratch copy of the turns table, on one connection, which is the database work "
+            "that archiving at full speed asks of it.",
             "",
             "| | append p50 | append p99 | read p50 | read p99 | ops/s | Redis µs/call "
             "RPUSH · EXPIRE · LRANGE | CPU wait: agents · Redis |",
