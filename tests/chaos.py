@@ -556,7 +556,7 @@ class WriterFleet:
                 raise AssertionError("writers did not finish in time")
             await asyncio.sleep(0.1)
         for w, proc in self.procs.items():
-            out = proc.stdout.read() if proc.stdout else b""
+            out, _ = proc.communicate()  # what is left, and the pipe closed
             assert proc.returncode == 0, f"writer {w} exited with {proc.returncode}"
             self.summaries[w] = json.loads(out.decode().strip().splitlines()[-1])
 
@@ -577,6 +577,8 @@ class WriterFleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
 
     def written(self) -> Written:
         result = Written()
