@@ -8,7 +8,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from worker.domain import Turn
-from worker.summarizers.base import Summarizer, check_summary, input_chars
+from worker.summarizers.base import (
+    Summarizer,
+    check_summary,
+    input_chars,
+    transcript,
+    transcript_chars,
+)
 from worker.summarizers.extractive import (
     NO_CONTENT,
     ExtractiveSummarizer,
@@ -296,6 +302,14 @@ async def test_summary_text_provenance_and_protocol() -> None:
     assert result.tokens_in is not None and result.tokens_in > result.tokens_out
     assert result.latency_ms >= 0
     assert check_summary(result.text, None, SUPPORT_CHAT) == result.text
+
+
+@pytest.mark.parametrize("previous", [None, "", "user: Customer is Hana Kim."])
+@pytest.mark.parametrize("count", [0, 1, len(SUPPORT_CHAT)])
+def test_transcript_chars_counts_what_a_model_would_read(previous: str | None, count: int) -> None:
+    turns = SUPPORT_CHAT[:count]
+    read = "\n".join(filter(None, [previous, transcript(turns)]))
+    assert transcript_chars(previous, turns) == len(read)
 
 
 def test_max_chars_must_be_positive() -> None:

@@ -14,18 +14,17 @@
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {-1, 0} end
 local n = tonumber(ARGV[2])
 local newest_first = ARGV[3] == '1'
+local prefix
 if newest_first then
-  local prefix = redis.call('LRANGE', KEYS[1], -n, -1)
-  if #prefix ~= n then return {0, 0} end
-  for i = 1, n do
-    if prefix[i] ~= ARGV[4 + n - i] then return {0, 0} end
-  end
+  prefix = redis.call('LRANGE', KEYS[1], -n, -1)
 else
-  local prefix = redis.call('LRANGE', KEYS[1], 0, n - 1)
-  if #prefix ~= n then return {0, 0} end
-  for i = 1, n do
-    if prefix[i] ~= ARGV[3 + i] then return {0, 0} end
-  end
+  prefix = redis.call('LRANGE', KEYS[1], 0, n - 1)
+end
+if #prefix ~= n then return {0, 0} end
+for i = 1, n do
+  -- Stored newest first, the i-th element read back is the (n + 1 - i)-th oldest.
+  local read = newest_first and ARGV[4 + n - i] or ARGV[3 + i]
+  if prefix[i] ~= read then return {0, 0} end
 end
 local ttl = redis.call('PTTL', KEYS[1])
 local first = 4 + n

@@ -59,3 +59,12 @@ def check_summary(text: str, previous: str | None, turns: Sequence[Turn]) -> str
 def transcript(turns: Sequence[Turn]) -> str:
     """Turns as `role: text` lines, the input a model summarizes."""
     return "\n".join(f"{t.role}: {t.text}" for t in turns)
+
+
+def transcript_chars(previous: str | None, turns: Sequence[Turn]) -> int:
+    """The length of the previous summary and `transcript(turns)` on lines of their own, what
+    a model would read, counted without building the text."""
+    chars = sum(len(t.role) + 2 + len(t.text) for t in turns) + max(len(turns) - 1, 0)
+    if previous:
+        chars += len(previous) + bool(turns)
+    return chars

@@ -18,7 +18,7 @@ from itertools import accumulate
 import structlog
 
 from worker.domain import SummaryText, Turn
-from worker.summarizers.base import input_chars
+from worker.summarizers.base import input_chars, transcript_chars
 from worker.summarizers.cpupool import CpuPool
 
 log = structlog.get_logger(__name__)
@@ -417,15 +417,11 @@ class ExtractiveSummarizer:
         started = time.perf_counter()
         pairs = [(t.role, t.text) for t in turns]
         text = await self._pool.run(summarize_pairs, previous, pairs, max_chars)
-        # The length of the transcript a model would have been sent: "role: text" lines.
-        source_chars = sum(len(role) + 2 + len(body) + 1 for role, body in pairs) - bool(pairs)
-        if previous:
-            source_chars += len(previous) + bool(pairs)
         return SummaryText(
             text=text,
             summarizer=self.name,
             model=None,
-            tokens_in=estimate_tokens_of(source_chars),
+            tokens_in=estimate_tokens_of(transcript_chars(previous, turns)),
             tokens_out=estimate_tokens(text),
             latency_ms=(time.perf_counter() - started) * 1000,
         )
