@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import asyncpg
@@ -10,7 +11,7 @@ from redis.asyncio import Redis
 
 from tests import agents
 from worker.config import Settings
-from worker.domain import Trigger
+from worker.domain import Outcome, Trigger
 from worker.runtime import open_runtime
 from worker.summarizers.extractive import ExtractiveSummarizer
 
@@ -106,3 +107,48 @@ async def test_run_forever_stops_when_asked(
         stop.set()
         await asyncio.wait_for(task, 5)
         assert len(await redis.lrange(rt.pattern.key_for("loop"), 0, -1)) == 5
+
+
+async def test_a_ceiling_on_sessions_per_second_paces_idle_sessions_but_not_expiring_ones(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    # 2 sessions a second: five idle sessions cannot all start within 2 s, whereas six
+    # sessions about to expire, taken first, are not held back at all.
+    settings = make_settings(max_sessions_per_s=2, expiry_margin_s=120)
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        key = rt.pattern.key_for
+        for i in range(6):
+            await agents.conversation(redis, key(f"expiring{i}"), 8, ttl_s=60)
+        for i in range(5):
+            await agents.conversation(redis, key(f"idle{i}"), 8)
+        started = time.monotonic()
+        finished: dict[str, float] = {}
+
+        def note(outcome: Outcome) -> None:
+            finished[outcome.session_id] = time.monotonic() - started
+
+        outcomes = await rt.daemon.run_once(on_outcome=note)
+    assert sorted(o.status for o in outcomes) == ["consolidated"] * 11
+    expiring = [t for s, t in finished.items() if s.startswith("expiring")]
+    idle = sorted(t for s, t in finished.items() if s.startswith("idle"))
+    assert max(expiring) < 1.5  # unpaced: at 2 a second they would need 2.5 s at least
+    # The first idle session may start at once, each of the other four half a second later.
+    assert idle[-1] - idle[0] >= 1.5
+    for i in range(5):
+        assert len(await redis.lrange(key(f"idle{i}"), 0, -1)) == 5  # summary + 4 kept
+
+
+async def test_a_slow_pace_does_not_hold_up_a_stop(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    settings = make_settings(max_sessions_per_s=0.2)  # one session every 5 s
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        for i in range(3):
+            await agents.conversation(redis, rt.pattern.key_for(f"idle{i}"), 8)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, stop.set)
+        started = time.monotonic()
+        outcomes = await asyncio.wait_for(rt.daemon.run_once(stop), 10)
+        stopped_after = time.monotonic() - started
+    assert [o.status for o in outcomes] == ["consolidated"]  # the first, before the stop
+    assert stopped_after < 2.5

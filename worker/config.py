@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     scan_interval_s: float = Field(default=30.0, gt=0)
     scan_count: int = Field(default=2000, ge=10)  # SCAN COUNT: fewer, cheaper full scans
     concurrency: int = Field(default=16, ge=1)
+    # A ceiling on sessions started per second, for a daemon that shares its machine with the
+    # agents: at full speed archiving costs them latency (see the README's benchmark). Sessions
+    # about to expire are never held back by it. None: no ceiling.
+    max_sessions_per_s: float | None = Field(default=None, gt=0)
     lease_ttl_s: float = Field(default=60.0, gt=0)
     drain_grace_s: float = Field(default=20.0, ge=0)
     max_value_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -118,6 +122,11 @@ class Settings(BaseSettings):
             if value.startswith(plain):
                 return "postgresql+asyncpg://" + value[len(plain) :]
         return value
+
+    @field_validator("max_sessions_per_s", mode="before")
+    @classmethod
+    def _no_ceiling_when_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("retention", mode="before")
     @classmethod

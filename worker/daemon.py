@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import structlog
+from aiolimiter import AsyncLimiter
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -93,6 +94,7 @@ class Daemon:
         self._pruning: asyncio.Task[None] | None = None
         self._halt: asyncio.Event | None = None  # set to end the current pass early
         self._outage: BaseException | None = None  # why it ended early
+        self._pace = _pace(self.settings.max_sessions_per_s)
 
     async def find_work(self) -> list[tuple[Candidate, Probe]]:
         """One full scan: the sessions that need consolidating, most urgent first."""
@@ -145,6 +147,9 @@ class Daemon:
         async def work() -> None:
             for ref, p, cand in queue:
                 if stop is not None and stop.is_set():
+                    return
+                urgent = cand is not None and cand.trigger is Trigger.EXPIRING
+                if self._pace is not None and not urgent and not await _paced(self._pace, stop):
                     return
                 outcome = await self._one(ref, p, cand, options)
                 outcomes.append(outcome)
@@ -259,6 +264,30 @@ class Daemon:
             self._pruning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pruning
+
+
+def _pace(per_second: float | None) -> AsyncLimiter | None:
+    """The limiter for CONSOLIDATOR_MAX_SESSIONS_PER_S: one session every 1/rate seconds,
+    evenly spaced, since a burst of sessions is a burst of archive writes the agents feel."""
+    if per_second is None:
+        return None
+    return AsyncLimiter(1, 1 / per_second)
+
+
+async def _paced(pace: AsyncLimiter, stop: asyncio.Event | None) -> bool:
+    """Wait for the pace to allow one more session; False if `stop` came first, so a slow
+    pace never holds up a shutdown."""
+    if stop is None:
+        await pace.acquire()
+        return True
+    allowed = asyncio.ensure_future(pace.acquire())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({allowed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        allowed.cancel()
+        stopped.cancel()
+    return not stop.is_set()
 
 
 def _ttl_order(ttl_ms: int) -> int:
