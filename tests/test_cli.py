@@ -136,6 +136,11 @@ async def test_usage_and_configuration_errors_exit_2(
     assert bad_layout.returncode == 2 and "layout" in bad_layout.stderr
     bad_pattern = await cli(settings, "stats", CONSOLIDATOR_KEY_PATTERN="no-placeholder")
     assert bad_pattern.returncode == 2 and "{id}" in bad_pattern.stderr
+    no_pace = await cli(settings, "stats", CONSOLIDATOR_MAX_SESSIONS_PER_S="0")
+    assert no_pace.returncode == 2 and "max_sessions_per_s" in no_pace.stderr
+    # Empty lifts the ceiling, e.g. for one urgent flush on a machine that sets it.
+    unpaced = await cli(settings, "stats", CONSOLIDATOR_MAX_SESSIONS_PER_S="")
+    assert unpaced.returncode == 0, unpaced.stderr
 
 
 async def test_check_reports_healthy_servers_and_fails_on_a_dead_one(
@@ -205,3 +210,38 @@ async def test_sigterm_drains_and_exits_0_within_the_grace_period(
         f"{prefix}%",
     )
     assert counts and all(r["n"] == 8 for r in counts)
+
+
+async def test_one_ctrl_c_stops_a_paced_flush_at_once_and_leaves_no_lease(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    settings = make_settings()
+    for i in range(30):
+        await agents.conversation(redis, settings.pattern.replace("{id}", f"{prefix}c{i}"), 8)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "flush",
+        "--all",
+        env=env_for(settings, CONSOLIDATOR_MAX_SESSIONS_PER_S="4"),  # 30 sessions: 7 s or more
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done = await pg.fetchval(
+            "SELECT count(*) FROM sessions WHERE session_id LIKE $1", f"{prefix}%"
+        )
+        if done >= 3:
+            break
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err_bytes = await asyncio.wait_for(proc.communicate(), 20)
+    assert time.monotonic() - sent < 3, err_bytes.decode()[-2000:]
+    assert proc.returncode != 0
+    assert not [k async for k in redis.scan_iter(match=f"consolidator:lease:*{prefix}*")]
+    counts = await pg.fetch(
+        "SELECT count(*) AS n FROM turns WHERE session_id LIKE $1 GROUP BY session_id",
+        f"{prefix}%",
+    )
+    assert 3 <= len(counts) < 30 and all(r["n"] == 8 for r in counts)

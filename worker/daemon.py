@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from worker.archive.retention import prune
+from worker.cancel import cancel_and_wait
 from worker.domain import Candidate, Outcome, SessionRef, Trigger
 from worker.hot.keys import KeyPattern
 from worker.hot.scanner import Probe, scan_and_probe
@@ -261,9 +262,7 @@ class Daemon:
     async def _stop_pruning(self) -> None:
         # Each prune batch is its own transaction: stopping in the middle loses nothing.
         if self._pruning is not None and not self._pruning.done():
-            self._pruning.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pruning
+            await cancel_and_wait(self._pruning)
 
 
 def _pace(per_second: float | None) -> AsyncLimiter | None:

@@ -11,6 +11,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from worker.cancel import cancel_and_wait
 from worker.hot.keys import lease_key
 from worker.hot.scripts import Scripts
 
@@ -55,14 +56,18 @@ async def claim(
         # out can be swallowed (turned into the call's TimeoutError), and a renewer that went on
         # would hold this session, and the whole pass waiting for it, for ever.
         done.set()
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
         try:
-            await asyncio.shield(scripts.release(lease.key, lease.token))
-        except (RedisError, OSError) as exc:
-            # It expires by its TTL anyway; nothing is lost by leaving it.
-            log.warning("lease_release_failed", lease=lease.key, error=str(exc))
+            await cancel_and_wait(renewer)
+        finally:
+            await _release(scripts, lease)
+
+
+async def _release(scripts: Scripts, lease: Lease) -> None:
+    try:
+        await asyncio.shield(scripts.release(lease.key, lease.token))
+    except (RedisError, OSError) as exc:
+        # It expires by its TTL anyway; nothing is lost by leaving it.
+        log.warning("lease_release_failed", lease=lease.key, error=str(exc))
 
 
 async def _keep_alive(

@@ -7,7 +7,6 @@ one pipeline: remaining TTL, idle time, length and memory. Nothing here reads a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
+from worker.cancel import cancel_and_wait
 from worker.domain import SessionRef
 from worker.hot.keys import KeyPattern
 from worker.layouts.base import parse_timestamp
@@ -98,9 +98,7 @@ async def scan_and_probe(
             yield await _probe_batch(redis, script, refs, metadata_pattern)
     finally:
         if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pending
+            await cancel_and_wait(pending)
 
 
 _PROBE_SCRIPT = files("worker.hot").joinpath("probe.lua").read_text(encoding="utf-8")

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from worker.cancel import cancel_and_wait
+
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _HEADER = struct.Struct(">Q")
@@ -90,9 +92,7 @@ class _Worker:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
-        self.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.reader
+        await cancel_and_wait(self.reader)
 
 
 class CpuPool:
