@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import asyncpg
+from prometheus_client import Histogram
 from redis.asyncio import Redis
 
 from tests import agents
@@ -152,3 +153,34 @@ async def test_a_slow_pace_does_not_hold_up_a_stop(
         stopped_after = time.monotonic() - started
     assert [o.status for o in outcomes] == ["consolidated"]  # the first, before the stop
     assert stopped_after < 2.5
+
+
+async def test_a_pass_ends_within_half_the_expiry_margin_and_the_next_one_follows_at_once(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    # A pass longer than the margin could let a session's TTL run out while it waits for its
+    # turn; ending the pass lets a fresh scan take it first, as expiring. Here the pass may
+    # last 1 s (margin 2 s) and the pace lets only a few sessions start in that time.
+    settings = make_settings(max_sessions_per_s=2, expiry_margin_s=2, scan_interval_s=60)
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        keys = [rt.pattern.key_for(f"idle{i}") for i in range(6)]
+        for key in keys:
+            await agents.conversation(redis, key, 8)
+        first = await rt.daemon.run_once()
+        assert 1 <= len(first) <= 4
+        folded = [len(await redis.lrange(key, 0, -1)) == 5 for key in keys]
+        assert sum(folded) == len(first)  # the others were not touched
+        # run_forever scans again at once instead of waiting out the 60 s scan interval.
+        before = _scans(rt.metrics.scan_seconds)
+        stop = asyncio.Event()
+        task = asyncio.create_task(rt.daemon.run_forever(stop))
+        await asyncio.sleep(3)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert _scans(rt.metrics.scan_seconds) - before >= 2
+
+
+def _scans(histogram: Histogram) -> float:
+    """How many scans the histogram of scan times has seen."""
+    [metric] = histogram.collect()
+    return next(s.value for s in metric.samples if s.name.endswith("_count"))

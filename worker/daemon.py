@@ -96,6 +96,7 @@ class Daemon:
         self._halt: asyncio.Event | None = None  # set to end the current pass early
         self._outage: BaseException | None = None  # why it ended early
         self._pace = _pace(self.settings.max_sessions_per_s)
+        self.cut_short = False  # the last pass ended with sessions still due (see run_once)
 
     async def find_work(self) -> list[tuple[Candidate, Probe]]:
         """One full scan: the sessions that need consolidating, most urgent first."""
@@ -128,10 +129,20 @@ class Daemon:
         stop: asyncio.Event | None = None,
         on_outcome: Callable[[Outcome], None] | None = None,
     ) -> list[Outcome]:
+        # A session's TTL was read by this scan. While the pass goes on, a session waiting for
+        # its turn (a backlog, a slow model, a pace) keeps counting down, and one that was not
+        # yet in the expiry margin could run out before its turn. So past half the margin the
+        # pass takes no more sessions but expiring ones, and a fresh scan follows at once: it
+        # sees the TTLs as they are and puts any session near expiry first.
+        margin = self.settings.expiry_margin_s
+        until = time.monotonic() + margin / 2 if margin > 0 else None
+        self.cut_short = False
         work = await self.find_work()
         log.info("scan_done", candidates=len(work))
         items = ((c.ref, p, c) for c, p in work)
-        return await self.process(items, stop=stop, options=Options(), on_outcome=on_outcome)
+        return await self.process(
+            items, stop=stop, options=Options(), on_outcome=on_outcome, until=until
+        )
 
     async def process(
         self,
@@ -140,8 +151,10 @@ class Daemon:
         stop: asyncio.Event | None = None,
         options: Options,
         on_outcome: Callable[[Outcome], None] | None = None,
+        until: float | None = None,
     ) -> list[Outcome]:
-        """Consolidate sessions with at most `concurrency` at once; stop taking new ones on stop."""
+        """Consolidate sessions with at most `concurrency` at once; stop taking new ones on
+        stop, and, from `until` (monotonic time) on, any but those about to expire."""
         queue = iter(items)
         outcomes: list[Outcome] = []
 
@@ -149,9 +162,12 @@ class Daemon:
             for ref, p, cand in queue:
                 if stop is not None and stop.is_set():
                     return
-                urgent = cand is not None and cand.trigger is Trigger.EXPIRING
-                if self._pace is not None and not urgent and not await _paced(self._pace, stop):
-                    return
+                if not (cand is not None and cand.trigger is Trigger.EXPIRING):
+                    if self._pace is not None and not await _paced(self._pace, stop):
+                        return
+                    if until is not None and time.monotonic() >= until:
+                        self.cut_short = True
+                        return
                 outcome = await self._one(ref, p, cand, options)
                 outcomes.append(outcome)
                 if on_outcome is not None:
@@ -199,7 +215,7 @@ class Daemon:
                 await self._pass(stop)
                 self._maybe_prune()
                 backoff = 1.0
-                delay = self.settings.scan_interval_s
+                delay = 0.0 if self.cut_short else self.settings.scan_interval_s
             except _TRANSIENT as exc:
                 self.metrics.ready.set(0)
                 log.warning("pass_failed", error=repr(exc)[:300], retry_in_s=backoff)
