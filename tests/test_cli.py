@@ -181,21 +181,8 @@ async def test_sigterm_drains_and_exits_0_within_the_grace_period(
     settings = make_settings()
     for i in range(40):
         await agents.conversation(redis, settings.pattern.replace("{id}", f"{prefix}d{i}"), 8)
-    proc = await asyncio.create_subprocess_exec(
-        *CLI,
-        "run",
-        env=env_for(settings, CONSOLIDATOR_SCAN_INTERVAL_S="0.2", CONSOLIDATOR_DRAIN_GRACE_S="5"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done = await pg.fetchval(
-            "SELECT count(*) FROM sessions WHERE session_id LIKE $1", f"{prefix}%"
-        )
-        if done >= 5:
-            break
-        await asyncio.sleep(0.1)
+    env = env_for(settings, CONSOLIDATOR_SCAN_INTERVAL_S="0.2", CONSOLIDATOR_DRAIN_GRACE_S="5")
+    proc = await _running_once_archiving(pg, prefix, 5, env, "run")
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     _, err_bytes = await asyncio.wait_for(proc.communicate(), 20)
@@ -205,11 +192,8 @@ async def test_sigterm_drains_and_exits_0_within_the_grace_period(
     assert '"daemon_stopped"' in err
     assert not [k async for k in redis.scan_iter(match=f"consolidator:lease:*{prefix}*")]
     # Whatever was archived is whole: every archived session holds all 8 turns.
-    counts = await pg.fetch(
-        "SELECT count(*) AS n FROM turns WHERE session_id LIKE $1 GROUP BY session_id",
-        f"{prefix}%",
-    )
-    assert counts and all(r["n"] == 8 for r in counts)
+    counts = await _archived_turns(pg, prefix)
+    assert counts and all(n == 8 for n in counts)
 
 
 async def test_one_ctrl_c_stops_a_paced_flush_at_once_and_leaves_no_lease(
@@ -218,30 +202,40 @@ async def test_one_ctrl_c_stops_a_paced_flush_at_once_and_leaves_no_lease(
     settings = make_settings()
     for i in range(30):
         await agents.conversation(redis, settings.pattern.replace("{id}", f"{prefix}c{i}"), 8)
-    proc = await asyncio.create_subprocess_exec(
-        *CLI,
-        "flush",
-        "--all",
-        env=env_for(settings, CONSOLIDATOR_MAX_SESSIONS_PER_S="4"),  # 30 sessions: 7 s or more
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done = await pg.fetchval(
-            "SELECT count(*) FROM sessions WHERE session_id LIKE $1", f"{prefix}%"
-        )
-        if done >= 3:
-            break
-        await asyncio.sleep(0.05)
+    env = env_for(settings, CONSOLIDATOR_MAX_SESSIONS_PER_S="4")  # 30 sessions: 7 s or more
+    proc = await _running_once_archiving(pg, prefix, 3, env, "flush", "--all")
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
     _, err_bytes = await asyncio.wait_for(proc.communicate(), 20)
     assert time.monotonic() - sent < 3, err_bytes.decode()[-2000:]
     assert proc.returncode != 0
     assert not [k async for k in redis.scan_iter(match=f"consolidator:lease:*{prefix}*")]
-    counts = await pg.fetch(
+    counts = await _archived_turns(pg, prefix)
+    assert 3 <= len(counts) < 30 and all(n == 8 for n in counts)
+
+
+async def _running_once_archiving(
+    pg: asyncpg.Connection, prefix: str, sessions: int, env: dict[str, str], *args: str
+) -> asyncio.subprocess.Process:
+    """`consolidator ARGS`, returned once it has archived `sessions` sessions (or after 30 s)."""
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done = await pg.fetchval(
+            "SELECT count(*) FROM sessions WHERE session_id LIKE $1", f"{prefix}%"
+        )
+        if done >= sessions:
+            break
+        await asyncio.sleep(0.05)
+    return proc
+
+
+async def _archived_turns(pg: asyncpg.Connection, prefix: str) -> list[int]:
+    """Turns in the archive of each archived session under `prefix`."""
+    rows = await pg.fetch(
         "SELECT count(*) AS n FROM turns WHERE session_id LIKE $1 GROUP BY session_id",
         f"{prefix}%",
     )
-    assert 3 <= len(counts) < 30 and all(r["n"] == 8 for r in counts)
+    return [int(r["n"]) for r in rows]

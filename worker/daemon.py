@@ -140,9 +140,12 @@ class Daemon:
         work = await self.find_work()
         log.info("scan_done", candidates=len(work))
         items = ((c.ref, p, c) for c, p in work)
-        return await self.process(
+        outcomes = await self.process(
             items, stop=stop, options=Options(), on_outcome=on_outcome, until=until
         )
+        if self.cut_short:
+            log.info("pass_cut_short", sessions_left=len(work) - len(outcomes), rescan=True)
+        return outcomes
 
     async def process(
         self,
