@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,7 @@ class Options:
     agent_seconds: float
     agent_sessions: int
     daemon_nice: tuple[int, ...]
+    daemon_paces: tuple[float, ...]
     skip: frozenset[str]
     output: Path
     seed: int
@@ -137,6 +139,11 @@ def parse_options(argv: Sequence[str]) -> Options:
         default="0,19",
         help="niceness of the daemon while the agents measure, one run each (the first counts)",
     )
+    p.add_argument(
+        "--daemon-paces",
+        default="20,10,5",
+        help="CONSOLIDATOR_MAX_SESSIONS_PER_S values to measure the agents at, one run each",
+    )
     p.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
     p.add_argument("--quick", action="store_true", help="small sizes, to try the bench out")
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results.md")
@@ -170,6 +177,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         agent_seconds=a.agent_seconds,
         agent_sessions=a.agent_sessions,
         daemon_nice=_ints(a.daemon_nice),
+        daemon_paces=tuple(float(x) for x in a.daemon_paces.split(",") if x.strip()),
         skip=skip,
         output=a.output,
         seed=a.seed,
@@ -1138,6 +1146,19 @@ async def bench_agents(o: Options, redis: Redis, prefix: str, report: Report) ->
             f"   with the daemon (nice {nice}): append p99 {busy.append.p99_ms:.2f} ms (daemon "
             f"{'busy throughout' if busy.daemon_busy else 'finished early'}, exit {run.code})"
         )
+    for pace in o.daemon_paces:
+        await truncate_archive()
+        await load_sessions(redis, pattern, sessions)
+        daemon = Daemon(["flush", "--all"], env | {"CONSOLIDATOR_MAX_SESSIONS_PER_S": str(pace)})
+        await wait_for_archiving(daemon)
+        busy = await run_agents(o, redis, pattern)
+        busy.daemon_busy = daemon.running()
+        # At this pace the flush would take minutes: Ctrl-C ends it (in-flight sessions are
+        # abandoned safely, their leases released), as an operator would.
+        daemon.proc.send_signal(signal.SIGINT)
+        await daemon.wait()
+        report.agents_paced[pace] = busy
+        say(f"   with the daemon at {pace:g} sessions/s: append p99 {busy.append.p99_ms:.2f} ms")
     await delete_keys(redis, f"{prefix}*")
 
 
@@ -1158,6 +1179,7 @@ class Report:
     agents_alone: AgentRun | None = None
     agents_busy: dict[int, AgentRun] = field(default_factory=dict)  # by the daemon's niceness
     agents_postgres: AgentRun | None = None  # PostgreSQL busy with bare COPYs, no daemon
+    agents_paced: dict[float, AgentRun] = field(default_factory=dict)  # by sessions/s ceiling
     postgres_load: CopyLoad | None = None
 
 
@@ -1250,6 +1272,17 @@ def render(r: Report, command: str) -> str:
                     f"{up_append:+.2f} ms / {up_read:+.2f} ms",
                     "< 1 ms" if i == 0 else "",
                     _mark(max(up_append, up_read) < 1 and bool(b.daemon_busy)) if i == 0 else "",
+                )
+            )
+        for pace, b in r.agents_paced.items():
+            rows.append(
+                (
+                    f"4 … with the daemon paced at {pace:g} sessions/s "
+                    "(`CONSOLIDATOR_MAX_SESSIONS_PER_S`)",
+                    f"{b.append.p99_ms - a.append.p99_ms:+.2f} ms / "
+                    f"{b.read.p99_ms - a.read.p99_ms:+.2f} ms",
+                    "",
+                    "",
                 )
             )
         if p := r.agents_postgres:
@@ -1380,6 +1413,14 @@ def _details(r: Report) -> list[str]:
             (f"daemon flushing, nice {nice}" + ("" if b.daemon_busy else " (finished early)"), b)
             for nice, b in r.agents_busy.items()
         ]
+        runs += [
+            (
+                f"daemon flushing at {pace:g} sessions/s"
+                + ("" if b.daemon_busy else " (finished)"),
+                b,
+            )
+            for pace, b in r.agents_paced.items()
+        ]
         out += [
             f"**4. Agents' latency.** A separate process, {o.agent_sessions} sessions, "
             f"{o.agent_rate:.0f} appends/s (RPUSH then EXPIRE) and {o.agent_rate:.0f} reads/s "
@@ -1392,7 +1433,8 @@ def _details(r: Report) -> list[str]:
             "agents' process, and Redis, were ready to run but had no CPU. The second row has "
             "no daemon at all: PostgreSQL is kept busy by bare COPYs of the workload's rows into "
             "a scratch copy of the turns table, on one connection, which is the database work "
-            "that archiving at full speed asks of it.",
+            "that archiving at full speed asks of it. The paced rows run the same flush with "
+            "CONSOLIDATOR_MAX_SESSIONS_PER_S set, and end it with Ctrl-C after the window.",
             "",
             "| | append p50 | append p99 | read p50 | read p99 | ops/s | Redis µs/call "
             "RPUSH · EXPIRE · LRANGE | CPU wait: agents · Redis |",
