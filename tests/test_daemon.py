@@ -7,13 +7,12 @@ import time
 from collections.abc import Callable
 
 import asyncpg
-from prometheus_client import Histogram
 from redis.asyncio import Redis
 
 from tests import agents
 from worker.config import Settings
 from worker.domain import Outcome, Trigger
-from worker.runtime import open_runtime
+from worker.runtime import Runtime, open_runtime
 from worker.summarizers.extractive import ExtractiveSummarizer
 
 
@@ -41,6 +40,7 @@ async def test_triggers_pick_expiring_soonest_first_then_oversize_then_idle(
         await redis.set(unrelated, b"not a session", ex=500)
 
         work = await rt.daemon.find_work()
+        assert rt.metrics.registry.get_sample_value("consolidator_sessions_due") == 4
 
         picked = [(c.ref.session_id, c.trigger) for c, _ in work]
         assert picked == [
@@ -168,19 +168,21 @@ async def test_a_pass_ends_within_half_the_expiry_margin_and_the_next_one_follow
             await agents.conversation(redis, key, 8)
         first = await rt.daemon.run_once()
         assert 1 <= len(first) <= 4
+        assert _sample(rt, "consolidator_passes_cut_short_total") == 1
         folded = [len(await redis.lrange(key, 0, -1)) == 5 for key in keys]
         assert sum(folded) == len(first)  # the others were not touched
         # run_forever scans again at once instead of waiting out the 60 s scan interval.
-        before = _scans(rt.metrics.scan_seconds)
+        before = _sample(rt, "consolidator_scan_seconds_count")
         stop = asyncio.Event()
         task = asyncio.create_task(rt.daemon.run_forever(stop))
         await asyncio.sleep(3)
         stop.set()
         await asyncio.wait_for(task, 10)
-        assert _scans(rt.metrics.scan_seconds) - before >= 2
+        assert _sample(rt, "consolidator_scan_seconds_count") - before >= 2
 
 
-def _scans(histogram: Histogram) -> float:
-    """How many scans the histogram of scan times has seen."""
-    [metric] = histogram.collect()
-    return next(s.value for s in metric.samples if s.name.endswith("_count"))
+def _sample(rt: Runtime, name: str) -> float:
+    """A metric's value as /metrics would show it."""
+    value = rt.metrics.registry.get_sample_value(name)
+    assert value is not None, name
+    return value

@@ -121,6 +121,7 @@ class Daemon:
                     continue
                 found.append((Candidate(p.ref, trigger, p.ttl_ms, p.idle_s), p))
         self.metrics.scan_seconds.observe(time.perf_counter() - started)
+        self.metrics.sessions_due.set(len(found))
         found.sort(key=lambda cp: (_PRIORITY[cp[0].trigger], _ttl_order(cp[0].ttl_ms)))
         return found
 
@@ -144,6 +145,7 @@ class Daemon:
             items, stop=stop, options=Options(), on_outcome=on_outcome, until=until
         )
         if self.cut_short:
+            self.metrics.passes_cut_short.inc()
             log.info("pass_cut_short", sessions_left=len(work) - len(outcomes), rescan=True)
         return outcomes
 

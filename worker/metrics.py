@@ -33,6 +33,16 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
             registry=r,
         )
+        self.sessions_due = Gauge(
+            "consolidator_sessions_due",
+            "Sessions the last scan found due (idle, expiring or oversize): the daemon's backlog",
+            registry=r,
+        )
+        self.passes_cut_short = Counter(
+            "consolidator_passes_cut_short",
+            "Passes ended with sessions still due, at half the expiry margin, for a fresh scan",
+            registry=r,
+        )
         self.sessions = Counter(
             "consolidator_sessions",
             "Sessions handled, by outcome (consolidated, archived, unchanged, skipped, "
