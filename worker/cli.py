@@ -61,6 +61,12 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     except (PatternError, SummarizerConfigError, UnknownLayout) as exc:
         _usage_error(str(exc))
         raise  # unreachable: _usage_error exits
+    except KeyboardInterrupt:
+        # Ctrl-C cancelled the work (a flush abandons its sessions in progress before their
+        # rewrite, the archive being written first, and gives their leases back): one line, not
+        # a traceback that would look like a crash.
+        print("consolidator: interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 @app.command()
