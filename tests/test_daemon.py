@@ -163,7 +163,8 @@ async def test_a_pass_ends_within_half_the_expiry_margin_and_the_next_one_follow
     # last 1 s (margin 2 s) and the pace lets only a few sessions start in that time.
     settings = make_settings(max_sessions_per_s=2, expiry_margin_s=2, scan_interval_s=60)
     async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
-        keys = [rt.pattern.key_for(f"idle{i}") for i in range(6)]
+        # Enough that the second pass is cut short too, whatever the first one managed.
+        keys = [rt.pattern.key_for(f"idle{i}") for i in range(10)]
         for key in keys:
             await agents.conversation(redis, key, 8)
         first = await rt.daemon.run_once()

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from aiolimiter import AsyncLimiter
@@ -167,12 +168,9 @@ class Daemon:
             for ref, p, cand in queue:
                 if stop is not None and stop.is_set():
                     return
-                if not (cand is not None and cand.trigger is Trigger.EXPIRING):
-                    if self._pace is not None and not await _paced(self._pace, stop):
-                        return
-                    if until is not None and time.monotonic() >= until:
-                        self.cut_short = True
-                        return
+                urgent = cand is not None and cand.trigger is Trigger.EXPIRING
+                if not urgent and not await self._may_start(stop, until):
+                    return
                 outcome = await self._one(ref, p, cand, options)
                 outcomes.append(outcome)
                 if on_outcome is not None:
@@ -182,6 +180,18 @@ class Daemon:
             for i in range(self.settings.concurrency):
                 group.create_task(work(), name=f"consolidate-{i}")
         return outcomes
+
+    async def _may_start(self, stop: asyncio.Event | None, until: float | None) -> bool:
+        """Whether a session that is not about to expire may start now, after waiting for
+        the pace if there is one; False once `until` has passed (the pass is then cut short)
+        or on stop."""
+        if self._pace is not None and not await _paced(self._pace, stop, until):
+            self.cut_short = stop is None or not stop.is_set()
+            return False
+        if until is not None and time.monotonic() >= until:
+            self.cut_short = True
+            return False
+        return True
 
     async def _one(
         self, ref: SessionRef, p: Probe | None, cand: Candidate | None, options: Options
@@ -294,20 +304,23 @@ def _pace(per_second: float | None) -> AsyncLimiter | None:
     return AsyncLimiter(1, 1 / per_second)
 
 
-async def _paced(pace: AsyncLimiter, stop: asyncio.Event | None) -> bool:
-    """Wait for the pace to allow one more session; False if `stop` came first, so a slow
-    pace never holds up a shutdown."""
-    if stop is None:
+async def _paced(pace: AsyncLimiter, stop: asyncio.Event | None, until: float | None) -> bool:
+    """Wait for the pace to allow one more session; False if `stop` or the time `until`
+    (monotonic) came first, so a slow pace never holds up a shutdown or a fresh scan."""
+    if stop is None and until is None:
         await pace.acquire()
         return True
     allowed = asyncio.ensure_future(pace.acquire())
-    stopped = asyncio.ensure_future(stop.wait())
+    waits: set[asyncio.Future[Any]] = {allowed}
+    if stop is not None:
+        waits.add(asyncio.ensure_future(stop.wait()))
+    timeout = None if until is None else max(until - time.monotonic(), 0.0)
     try:
-        await asyncio.wait({allowed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        allowed.cancel()
-        stopped.cancel()
-    return not stop.is_set()
+        for waiting in waits:
+            waiting.cancel()
+    return allowed.done() and not allowed.cancelled() and not (stop is not None and stop.is_set())
 
 
 def _ttl_order(ttl_ms: int) -> int:
