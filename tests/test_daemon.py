@@ -182,6 +182,23 @@ async def test_a_pass_ends_within_half_the_expiry_margin_and_the_next_one_follow
         assert _sample(rt, "consolidator_scan_seconds_count") - before >= 2
 
 
+async def test_without_a_pace_a_pass_is_cut_short_all_the_same(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    # One session at a time and a pass limit of 0.1 s (margin 0.2 s): 100 sessions take longer,
+    # at a few ms each for their Redis round trips and archive commit.
+    settings = make_settings(concurrency=1, expiry_margin_s=0.2)
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        keys = [rt.pattern.key_for(f"idle{i}") for i in range(100)]
+        for key in keys:
+            await agents.conversation(redis, key, 8)
+        first = await rt.daemon.run_once()
+        assert 1 <= len(first) < 100
+        assert _sample(rt, "consolidator_passes_cut_short_total") == 1
+        folded = [len(await redis.lrange(key, 0, -1)) == 5 for key in keys]
+        assert sum(folded) == len(first)
+
+
 def _sample(rt: Runtime, name: str) -> float:
     """A metric's value as /metrics would show it."""
     value = rt.metrics.registry.get_sample_value(name)

@@ -97,7 +97,7 @@ class Daemon:
         self._halt: asyncio.Event | None = None  # set to end the current pass early
         self._outage: BaseException | None = None  # why it ended early
         self._pace = _pace(self.settings.max_sessions_per_s)
-        self.cut_short = False  # the last pass ended with sessions still due (see run_once)
+        self.cut_short = False  # the last pass ended at its time limit (see run_once)
 
     async def find_work(self) -> list[tuple[Candidate, Probe]]:
         """One full scan: the sessions that need consolidating, most urgent first."""
@@ -138,16 +138,19 @@ class Daemon:
         # sees the TTLs as they are and puts any session near expiry first.
         margin = self.settings.expiry_margin_s
         until = time.monotonic() + margin / 2 if margin > 0 else None
-        self.cut_short = False
         work = await self.find_work()
         log.info("scan_done", candidates=len(work))
         items = ((c.ref, p, c) for c, p in work)
         outcomes = await self.process(
             items, stop=stop, options=Options(), on_outcome=on_outcome, until=until
         )
+        # Each session taken gives one outcome: any left over, without a stop, were left by the
+        # time limit.
+        left = len(work) - len(outcomes)
+        self.cut_short = left > 0 and not (stop is not None and stop.is_set())
         if self.cut_short:
             self.metrics.passes_cut_short.inc()
-            log.info("pass_cut_short", sessions_left=len(work) - len(outcomes), rescan=True)
+            log.info("pass_cut_short", sessions_left=left, rescan=True)
         return outcomes
 
     async def process(
@@ -183,15 +186,11 @@ class Daemon:
 
     async def _may_start(self, stop: asyncio.Event | None, until: float | None) -> bool:
         """Whether a session that is not about to expire may start now, after waiting for
-        the pace if there is one; False once `until` has passed (the pass is then cut short)
-        or on stop."""
-        if self._pace is not None and not await _paced(self._pace, stop, until):
-            self.cut_short = stop is None or not stop.is_set()
-            return False
-        if until is not None and time.monotonic() >= until:
-            self.cut_short = True
-            return False
-        return True
+        the pace if there is one; False on stop or once `until` has passed."""
+        allowed = self._pace is None or await _paced(self._pace, stop, until)
+        stopped = stop is not None and stop.is_set()
+        late = until is not None and time.monotonic() >= until
+        return allowed and not stopped and not late
 
     async def _one(
         self, ref: SessionRef, p: Probe | None, cand: Candidate | None, options: Options
@@ -306,7 +305,8 @@ def _pace(per_second: float | None) -> AsyncLimiter | None:
 
 async def _paced(pace: AsyncLimiter, stop: asyncio.Event | None, until: float | None) -> bool:
     """Wait for the pace to allow one more session; False if `stop` or the time `until`
-    (monotonic) came first, so a slow pace never holds up a shutdown or a fresh scan."""
+    (monotonic) came first (the caller tells which), so a slow pace never holds up a shutdown
+    or a fresh scan."""
     if stop is None and until is None:
         await pace.acquire()
         return True
@@ -320,7 +320,7 @@ async def _paced(pace: AsyncLimiter, stop: asyncio.Event | None, until: float | 
     finally:
         for waiting in waits:
             waiting.cancel()
-    return allowed.done() and not allowed.cancelled() and not (stop is not None and stop.is_set())
+    return allowed.done() and not allowed.cancelled()
 
 
 def _ttl_order(ttl_ms: int) -> int:
