@@ -12,8 +12,9 @@ store) are logged at each scan and left alone: there is no id to quarantine them
 
 Not errors, and so not quarantined: an empty session (an empty value holds no turn: nothing to
 archive, nothing to lose), a session that has only its metadata, session ids with odd
-characters (spaces, braces, glob characters, newlines, emoji), and a NUL character inside a
-turn's text (valid JSON and UTF-8; the archive keeps the exact bytes).
+characters (spaces, braces, glob characters, newlines, emoji), a NUL character inside a
+turn's text (valid JSON and UTF-8; the archive keeps the exact bytes), and a timestamp that
+cannot be stored (the turn is archived without it).
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ async def not_an_object(redis: Redis, key: str) -> None:
     await _list(redis, key, good("hi"), b'["user", "an array, not an object"]')
 
 
+async def tool_calls_not_a_list(redis: Redis, key: str) -> None:
+    element = json.dumps({"role": "assistant", "content": "calling", "tool_calls": 5})
+    await _list(redis, key, good("hi"), element.encode())
+
+
 BAD: dict[str, tuple[str, Writer]] = {
     "bad-json": ("undecodable", bad_json),
     "wrong-type": ("wrong_type", wrong_type),
@@ -102,6 +108,7 @@ BAD: dict[str, tuple[str, Writer]] = {
     "bad-utf8": ("undecodable", bad_utf8),
     "unknown-role": ("undecodable", unknown_role),
     "not-an-object": ("undecodable", not_an_object),
+    "tool-calls-not-a-list": ("undecodable", tool_calls_not_a_list),
     "bad json, odd id {x}*": ("undecodable", bad_json),
 }
 ODD_IDS = ["odd id/with:colons", "br{ace}s*and?[glob]", "tab\tnew\nline", "émoji🙂-ü", "a\\b"]
@@ -135,7 +142,8 @@ async def test_bad_sessions_are_quarantined_untouched_and_the_daemon_goes_on(
         try:
             for session, (_, write) in BAD.items():
                 await write(redis, key_for(prefix, session))
-            # Not errors: an empty value, metadata only, odd ids, a NUL in a turn's text.
+            # Not errors: an empty value, metadata only, odd ids, a NUL in a turn's text, and
+            # (below) a timestamp out of range.
             await redis.set(key_for(prefix, "empty"), b"", ex=TTL_S)
             await redis.hset(prefix + "session:meta-only", mapping={"user_id": "u1"})
             good_turns: dict[str, list[bytes]] = {}
@@ -145,6 +153,12 @@ async def test_bad_sessions_are_quarantined_untouched_and_the_daemon_goes_on(
             await _list(redis, key_for(prefix, "nul-char"), *nul)
             await redis.hset(prefix + "session:nul-char", mapping={"agent_id": "a\x00b"})
             good_turns["nul-char"] = nul
+            # A timestamp that parses but lies outside what PostgreSQL stores (year 0 in UTC):
+            # archived without it, not failed on every pass until the key expires.
+            year_one = '{"role": "user", "content": "old", "timestamp": "0001-01-01T00:00+05:00"}'
+            far = [good("before"), year_one.encode(), good("after", "assistant")]
+            await _list(redis, key_for(prefix, "far-timestamp"), *far)
+            good_turns["far-timestamp"] = far
             # Keys no session id can be made of: not UTF-8, or holding a NUL (PostgreSQL text
             # cannot). Logged and left alone: there is nothing to quarantine them under.
             unnamable = [
@@ -218,7 +232,8 @@ async def test_bad_sessions_are_quarantined_untouched_and_the_daemon_goes_on(
                     duplicates=sum(a.duplicates for a in audits),
                     seen=(
                         f"{len(quarantine)} of {len(BAD)} bad sessions quarantined, data and "
-                        "TTL untouched; empty, metadata-only, odd ids and NUL text not"
+                        "TTL untouched; empty, metadata-only, odd ids, NUL text and a "
+                        "timestamp out of range not"
                     ),
                 )
             )

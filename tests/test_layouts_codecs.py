@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -17,6 +17,7 @@ from worker.layouts.adk import AdkLayout
 from worker.layouts.base import DecodeError, Layout, decode_turns
 from worker.layouts.gemini import SUMMARY_HEADER, GeminiLayout
 from worker.layouts.langchain import LangChainLayout
+from worker.layouts.listlayout import ListLayout
 from worker.layouts.llamaindex import LlamaIndexLayout
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -95,11 +96,38 @@ def test_calls_without_ids_are_paired_with_their_results_by_name_in_order() -> N
         (AdkLayout(), b'{"author": "x", "content": {"role": "system", "parts": []}}'),
         (AdkLayout(), b'["not", "an", "event"]'),
         (GeminiLayout(), b'{"role": "user", "parts": [{"text": "\xff"}]}'),
+        # tool_calls that is not a list: which turns answer which call is unknown.
+        (ListLayout(), b'{"role": "assistant", "content": "x", "tool_calls": 5}'),
+        (LangChainLayout(), b'{"type": "ai", "data": {"content": "x", "tool_calls": 5}}'),
+        (
+            LangChainLayout(),
+            b'{"type": "ai", "data": {"content": "", "additional_kwargs": {"tool_calls": "f"}}}',
+        ),
+        (
+            LlamaIndexLayout(),
+            b'{"role": "assistant", "additional_kwargs": {"tool_calls": {"id": "c1"}}}',
+        ),
     ],
 )
 def test_what_a_layout_cannot_read_is_a_decode_error(layout: Layout, raw: bytes) -> None:
     with pytest.raises(DecodeError):
         layout.decode(raw)
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "2026-13-01", 1e30, "soon"],
+)
+def test_a_timestamp_that_cannot_be_stored_is_dropped_not_fatal(stamp: object) -> None:
+    raw = json.dumps({"role": "user", "content": "hi", "timestamp": stamp}).encode()
+    turn = ListLayout().decode(raw)
+    assert (turn.text, turn.created_at, turn.raw) == ("hi", None, raw)
+
+
+def test_a_timestamp_with_an_offset_is_stored_in_utc() -> None:
+    raw = b'{"role": "user", "content": "hi", "timestamp": "2026-06-01T05:30:00+05:30"}'
+    created = ListLayout().decode(raw).created_at
+    assert created == NOW and created is not None and created.utcoffset() == timedelta(0)
 
 
 def test_every_layout_reads_its_own_summary() -> None:

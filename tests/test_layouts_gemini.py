@@ -215,6 +215,29 @@ async def test_seed_000_string_parts_keep_their_form(
     assert len(await archived(pg, "s0")) == 10
 
 
+async def test_parts_mixing_objects_and_strings_are_kept_as_written(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    # An image part beside a bare string: valid for the agent, and its shape must not be taken
+    # for the session's text-part form (it crashed the rewrite on every pass).
+    mixed = {"role": "model", "parts": [{"inline_data": {"data": "AAAA"}}, "here is the picture"]}
+    rows: list[dict[str, Any]] = [
+        {"role": "user" if i % 2 == 0 else "model", "parts": [{"text": f"Turn {i}: ORD-{i}"}]}
+        for i in range(7)
+    ]
+    rows.insert(3, mixed)
+    key = prefix + "chat:mixed"
+    await redis.set(key, json.dumps(rows).encode())
+    settings = make_settings(layout="gemini", key_pattern=prefix + "chat:{id}", keep_recent=5)
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        outcome = await rt.pipeline.consolidate(ref_of(rt, key))
+    assert outcome.status == "consolidated", outcome
+    hot = json.loads(await value_of(redis, key))
+    assert hot[0]["parts"][0]["text"].startswith(SUMMARY_HEADER)
+    assert hot[-5:] == rows[-5:] and mixed in hot
+    assert len(await archived(pg, "mixed")) == 8
+
+
 async def test_the_swap_never_overwrites_a_value_the_agent_rewrote_meanwhile(
     settings: Settings, agent: Seed003Agent, server: GeminiServer, redis: Redis
 ) -> None:

@@ -115,10 +115,22 @@ def parse_timestamp(value: object) -> datetime | None:
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+            # In UTC, as it is stored: "0001-01-01T00:00+05:00" parses but lies before year 1
+            # there, and would fail the session's archive write on every pass until it expired.
+            return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        except (ValueError, OverflowError):
             return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return None
+
+
+def tool_call_list(value: object) -> list[dict[str, Any]]:
+    """The calls in a `tool_calls` field. Anything but a list (or nothing) is a DecodeError: the
+    session is quarantined rather than cut without knowing which turns answer which call."""
+    if not value:
+        return []
+    if not isinstance(value, list):
+        raise DecodeError(f"tool_calls is a {type(value).__name__}, not a list")
+    return [call for call in value if isinstance(call, dict)]
 
 
 def text_of(content: object) -> str:

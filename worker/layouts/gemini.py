@@ -143,7 +143,10 @@ def _sample(raw: bytes) -> Shape | None:
     if isinstance(parts, list) and parts and isinstance(parts[0], str):
         part = None
     elif isinstance(parts, list) and parts and isinstance(parts[0], dict):
-        text_part = next((p for p in parts if isinstance(p.get("text"), str)), None)
+        # Parts may mix objects and bare strings (seed 000 writes strings): only objects count.
+        text_part = next(
+            (p for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)), None
+        )
         if text_part is None:
             return None
         part = tuple(text_part)

@@ -14,7 +14,14 @@ from datetime import datetime
 from typing import Any
 
 from worker.domain import Turn
-from worker.layouts.base import DecodeError, StoredAsList, load_object, text_of, unpaired_id
+from worker.layouts.base import (
+    DecodeError,
+    StoredAsList,
+    load_object,
+    text_of,
+    tool_call_list,
+    unpaired_id,
+)
 from worker.layouts.contents import render
 
 # Message types `messages_from_dict` accepts, and the role each one speaks with.
@@ -77,8 +84,8 @@ def _tools(data: dict[str, Any]) -> tuple[frozenset[str], frozenset[str], list[s
     rendered: list[str] = []
     extra = data.get("additional_kwargs")
     extra = extra if isinstance(extra, dict) else {}
-    own = [c for c in data.get("tool_calls") or () if isinstance(c, dict)]
-    provider = [c for c in extra.get("tool_calls") or () if isinstance(c, dict)]
+    own = tool_call_list(data.get("tool_calls"))
+    provider = tool_call_list(extra.get("tool_calls"))
     calls.update(str(c["id"]) for c in [*own, *provider] if c.get("id"))
     for call in own or provider:  # the provider's list repeats LangChain's own
         function = call.get("function")

@@ -12,7 +12,14 @@ from datetime import datetime
 import orjson
 
 from worker.domain import Turn
-from worker.layouts.base import DecodeError, StoredAsList, load_object, parse_timestamp, text_of
+from worker.layouts.base import (
+    DecodeError,
+    StoredAsList,
+    load_object,
+    parse_timestamp,
+    text_of,
+    tool_call_list,
+)
 
 KNOWN_ROLES = frozenset({"user", "assistant", "system", "tool", "function", "model", "developer"})
 
@@ -29,9 +36,7 @@ class ListLayout(StoredAsList):
         if not isinstance(role, str) or role not in KNOWN_ROLES:
             raise DecodeError(f"unknown role {role!r}")
         calls = frozenset(
-            str(call["id"])
-            for call in obj.get("tool_calls") or ()
-            if isinstance(call, dict) and "id" in call
+            str(call["id"]) for call in tool_call_list(obj.get("tool_calls")) if "id" in call
         )
         result_id = obj.get("tool_call_id")
         results = frozenset({str(result_id)}) if result_id is not None else frozenset()

@@ -15,7 +15,14 @@ from typing import Any
 import orjson
 
 from worker.domain import Turn
-from worker.layouts.base import DecodeError, StoredAsList, load_object, parse_timestamp, text_of
+from worker.layouts.base import (
+    DecodeError,
+    StoredAsList,
+    load_object,
+    parse_timestamp,
+    text_of,
+    tool_call_list,
+)
 from worker.layouts.contents import render
 
 # llama_index.core.base.llms.types.MessageRole
@@ -37,7 +44,7 @@ class LlamaIndexLayout(StoredAsList):
         extra = extra if isinstance(extra, dict) else {}
         blocks = obj.get("blocks")
         text = _blocks_text(blocks) if isinstance(blocks, list) else text_of(obj.get("content"))
-        calls = [c for c in extra.get("tool_calls") or () if isinstance(c, dict)]
+        calls = tool_call_list(extra.get("tool_calls"))
         rendered = [_render_call(c) for c in calls]
         result_id = extra.get("tool_call_id")
         return Turn(
