@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.archive import writer
 from worker.archive.groupcommit import ArchiveRequest, GroupCommit, SummaryRequest
+from worker.archive.writer import ArchivedFrom
 from worker.config import OnSummaryFailure, Settings
 from worker.domain import Outcome, SessionRef, SummaryText, Turn
 from worker.hot.leases import Lease, claim, still_held
@@ -91,6 +92,8 @@ class Pipeline:
 
         shas = [t.sha for t in hot_turns]
         state = await self.archive.read_state(ref.session_id, shas[0], len(shas))
+        if clash := await self._other_owner(ref, state.origin):
+            return await self._quarantine(ref, "id_collision", clash, options)
         # The snapshot and the archive state must describe the same session: a worker that
         # stalled past its lease (a pause, a starved CPU) may hold a snapshot read before another
         # worker archived and folded the session, and would take its stale turns for new ones.
@@ -218,6 +221,24 @@ class Pipeline:
             text = "\n".join([*kept, f"{turns_covered} earlier turns archived."])
             return SummaryText(text=text, summarizer="marker")
         return None
+
+    async def _other_owner(self, ref: SessionRef, origin: ArchivedFrom | None) -> str | None:
+        """Why the archived session `ref.session_id` is another conversation, or None.
+
+        The archive knows a session by its id alone, so two live keys with one id (two ADK users
+        with the same session id, two layouts sharing a database) would be archived as one, and
+        each one's summary would fold in the other's turns. A key that moved (a new key pattern,
+        a restore) is the same conversation: its old key no longer exists."""
+        if origin is None or origin.redis_key == ref.key:
+            return None
+        same_kind = origin.layout == self.layout.name
+        same_owner = (ref.app, ref.user) in ((None, None), (origin.app_name, origin.user_id))
+        if same_kind and same_owner and not await self.redis.exists(origin.redis_key):
+            return None  # the key moved
+        return (
+            f"session id {ref.session_id!r} is already archived from {origin.redis_key} "
+            f"({origin.layout} layout), another conversation; this key is left as it is"
+        )
 
     async def _quarantine(
         self, ref: SessionRef, reason: str, detail: str, options: Options

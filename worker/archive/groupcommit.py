@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.archive import writer
 from worker.archive.tables import gaps, summaries
-from worker.archive.writer import ArchiveState
+from worker.archive.writer import ArchivedFrom, ArchiveState
 from worker.domain import SessionRef, SummaryText, Turn, digest
 from worker.policy import HeadSummary
 
@@ -382,7 +382,8 @@ WITH req AS (
         CAST(:session_ids AS text[]), CAST(:head_shas AS bytea[]), CAST(:hot_lens AS bigint[])
     ) WITH ORDINALITY AS r(session_id, head_sha, hot_len, i)
 )
-SELECT r.i, s.turn_count, h.through_seq, h.element_count, h.text AS head_text,
+SELECT r.i, s.turn_count, s.redis_key, s.layout, s.app_name, s.user_id,
+       h.through_seq, h.element_count, h.text AS head_text,
        t.seqs, t.shas, p.text AS previous
 FROM req r
 JOIN sessions s ON s.session_id = r.session_id
@@ -413,7 +414,8 @@ def _state(row: Any) -> ArchiveState:
             through_seq=row.through_seq, element_count=row.element_count, text=row.head_text
         )
     tail = dict(zip(row.seqs or (), (bytes(s) for s in row.shas or ()), strict=True))
-    return ArchiveState(row.turn_count, head, tail, head.text if head else row.previous)
+    origin = ArchivedFrom(row.redis_key, row.layout, row.app_name, row.user_id)
+    return ArchiveState(row.turn_count, head, tail, head.text if head else row.previous, origin)
 
 
 # writer.archive_turns for many sessions at once: each session's row moves from the count its

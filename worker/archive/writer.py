@@ -22,6 +22,17 @@ from worker.policy import HeadSummary
 
 
 @dataclass(frozen=True, slots=True)
+class ArchivedFrom:
+    """Where an archived session's turns came from: its Redis key, layout, and the app and
+    user its key named (ADK's `{app}` and `{user}`)."""
+
+    redis_key: str
+    layout: str
+    app_name: str | None
+    user_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ArchiveState:
     """What alignment needs to know about a session's archive."""
 
@@ -29,16 +40,27 @@ class ArchiveState:
     head: HeadSummary | None
     tail: dict[int, bytes]
     previous_summary: str | None
+    origin: ArchivedFrom | None = None  # None: nothing archived yet
 
 
 async def read_state(
     conn: AsyncConnection, session_id: str, head_sha: bytes | None, hot_len: int
 ) -> ArchiveState:
-    count = (
-        await conn.execute(select(sessions.c.turn_count).where(sessions.c.session_id == session_id))
-    ).scalar_one_or_none()
-    if count is None:
+    found = (
+        await conn.execute(
+            select(
+                sessions.c.turn_count,
+                sessions.c.redis_key,
+                sessions.c.layout,
+                sessions.c.app_name,
+                sessions.c.user_id,
+            ).where(sessions.c.session_id == session_id)
+        )
+    ).first()
+    if found is None:
         return ArchiveState(0, None, {}, None)
+    count = found.turn_count
+    origin = ArchivedFrom(found.redis_key, found.layout, found.app_name, found.user_id)
     head = None
     if head_sha is not None:
         row = (
@@ -62,7 +84,7 @@ async def read_state(
     )
     tail = {seq: sha for seq, sha in tail_rows}
     previous = head.text if head else await latest_summary_text(conn, session_id)
-    return ArchiveState(count, head, tail, previous)
+    return ArchiveState(count, head, tail, previous, origin)
 
 
 async def latest_summary_text(conn: AsyncConnection, session_id: str) -> str | None:
