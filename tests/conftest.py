@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from worker.archive.schema import upgrade
@@ -57,8 +58,16 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:10]}:"
+def prefix() -> Iterator[str]:
+    name = f"t{uuid.uuid4().hex[:10]}:"
+    yield name
+    # Tests share one archive and reuse session ids ("s1"): a key left behind would be another
+    # live conversation with that id, which the daemon rightly refuses to merge.
+    with SyncRedis.from_url(REDIS_URL) as client:
+        for pattern in (f"{name}*", f"consolidator:lease:*{name}*"):
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            if keys:
+                client.unlink(*keys)
 
 
 @pytest.fixture

@@ -228,12 +228,12 @@ class Pipeline:
         The archive knows a session by its id alone, so two live keys with one id (two ADK users
         with the same session id, two layouts sharing a database) would be archived as one, and
         each one's summary would fold in the other's turns. A key that moved (a new key pattern,
-        a restore) is the same conversation: its old key no longer exists."""
+        a new layout) is the same conversation: its old key no longer exists, and the key names
+        the same app and user if it names any."""
         if origin is None or origin.redis_key == ref.key:
             return None
-        same_kind = origin.layout == self.layout.name
         same_owner = (ref.app, ref.user) in ((None, None), (origin.app_name, origin.user_id))
-        if same_kind and same_owner and not await self.redis.exists(origin.redis_key):
+        if same_owner and not await self.redis.exists(origin.redis_key):
             return None  # the key moved
         return (
             f"session id {ref.session_id!r} is already archived from {origin.redis_key} "
