@@ -18,10 +18,11 @@ import typer
 from pydantic import ValidationError
 
 from worker import logs
-from worker.config import Settings
+from worker.config import ConfigFileError, Settings
 from worker.gctune import tune_gc
 from worker.hot.keys import PatternError
 from worker.layouts.registry import UnknownLayout
+from worker.outages import outage
 from worker.summarizers.select import SummarizerConfigError
 from worker.timespec import parse_duration, parse_instant
 
@@ -43,6 +44,8 @@ def _settings() -> Settings:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         _usage_error(f"configuration: {where}: {first['msg']}")
+    except ConfigFileError as exc:
+        _usage_error(f"configuration: {exc}")
     logs.configure(settings.log_level, settings.log_format)
     return settings
 
@@ -61,6 +64,12 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     except (PatternError, SummarizerConfigError, UnknownLayout) as exc:
         _usage_error(str(exc))
         raise  # unreachable: _usage_error exits
+    except Exception as exc:
+        # A server away is the operator's to fix, not a defect: one line, exit 1.
+        if (reason := outage(exc)) is None:
+            raise
+        print(f"consolidator: {reason}", file=sys.stderr)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         # Ctrl-C cancelled the work (a flush abandons its sessions in progress before their
         # rewrite, the archive being written first, and gives their leases back): one line, not
@@ -275,7 +284,9 @@ def prune(
 
 def _install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: a closed terminal or a supervisor's reload must drain, not kill mid-pass and
+    # leave leases that hold the sessions back from other replicas for a lease's length.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tomllib
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +20,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from redis.connection import parse_url
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from worker.timespec import parse_duration
 
@@ -37,6 +41,23 @@ class SummarizerName(StrEnum):
     EXTRACTIVE = "extractive"
 
 
+class LogFormat(StrEnum):
+    AUTO = "auto"  # JSON unless stderr is a terminal
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @classmethod
+    def _missing_(cls, value: object) -> LogLevel | None:
+        return cls.__members__.get(str(value).upper())  # INFO as well as info
+
+
 class OnSummaryFailure(StrEnum):
     KEEP = "keep"  # leave the hot state as it was (the archive still has everything)
     MARKER = "marker"  # replace the folded turns by "N earlier turns archived"
@@ -53,7 +74,11 @@ DEFAULT_KEY_PATTERNS: dict[LayoutName, str] = {
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CONSOLIDATOR_", frozen=True, extra="ignore", populate_by_name=True
+        env_prefix="CONSOLIDATOR_",
+        frozen=True,
+        extra="ignore",
+        populate_by_name=True,
+        allow_inf_nan=False,  # an infinite pace or lease would fail every session at run time
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -77,12 +102,12 @@ class Settings(BaseSettings):
     max_hot_tokens: int = Field(default=8000, ge=1)
     scan_interval_s: float = Field(default=30.0, gt=0)
     scan_count: int = Field(default=2000, ge=10)  # SCAN COUNT: fewer, cheaper full scans
-    concurrency: int = Field(default=16, ge=1)
+    concurrency: int = Field(default=16, ge=1, le=4096)
     # A ceiling on sessions started per second, for a daemon that shares its machine with the
     # agents: at full speed archiving costs them latency (see the README's benchmark). Sessions
     # about to expire are never held back by it. None: no ceiling.
     max_sessions_per_s: float | None = Field(default=None, gt=0)
-    lease_ttl_s: float = Field(default=60.0, gt=0)
+    lease_ttl_s: float = Field(default=60.0, ge=0.1, le=86_400)  # Redis needs whole ms
     drain_grace_s: float = Field(default=20.0, ge=0)
     max_value_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
@@ -110,9 +135,16 @@ class Settings(BaseSettings):
     # Archive retention (e.g. "90d"): the daemon prunes what is older, at most once an hour.
     retention: timedelta | None = None
 
-    metrics_port: int | None = None
-    log_format: str = "auto"  # auto | json | console
-    log_level: str = "info"
+    metrics_port: int | None = Field(default=None, ge=1, le=65_535)
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: LogLevel = LogLevel.INFO
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        # redis-py's own parser: its ValueError names what is wrong (scheme, port), not the URL.
+        parse_url(value)  # type: ignore[no-untyped-call]
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -120,7 +152,24 @@ class Settings(BaseSettings):
         # Operators paste plain libpq URLs; SQLAlchemy needs the driver named.
         for plain in ("postgresql://", "postgres://"):
             if value.startswith(plain):
-                return "postgresql+asyncpg://" + value[len(plain) :]
+                value = "postgresql+asyncpg://" + value[len(plain) :]
+        try:
+            url = make_url(value)
+            port = url.port  # parsed lazily: "host:notaport" fails here
+        except (ArgumentError, ValueError) as exc:
+            raise ValueError("not a PostgreSQL URL (postgresql://user@host:port/database)") from exc
+        if url.drivername != "postgresql+asyncpg":
+            raise ValueError(f"needs a PostgreSQL URL (postgresql://...), not {url.drivername}://")
+        if port is not None and not 0 < port < 65_536:
+            raise ValueError(f"port {port} is out of range")
+        return value
+
+    @field_validator("metadata_pattern", "agent_lock_pattern")
+    @classmethod
+    def _names_the_session(cls, value: str | None) -> str | None:
+        # Without {id}, every session would share one metadata hash, or one lock.
+        if value is not None and value.count("{id}") != 1:
+            raise ValueError("must contain {id} exactly once")
         return value
 
     @field_validator("max_sessions_per_s", mode="before")
@@ -137,8 +186,8 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip()[0].isdigit():
             try:
                 return parse_duration(value)
-            except ValueError:
-                with contextlib.suppress(ValueError):
+            except (ValueError, OverflowError):
+                with contextlib.suppress(ValueError, OverflowError):
                     return timedelta(seconds=float(value))
         return value
 
@@ -171,8 +220,24 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml_file = os.environ.get("CONSOLIDATOR_CONFIG_FILE")
         if toml_file:
+            _check_config_file(Path(toml_file), set(settings_cls.model_fields))
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
         return tuple(sources)
+
+
+class ConfigFileError(ValueError):
+    """The file CONSOLIDATOR_CONFIG_FILE names is missing, not TOML, or has unknown settings."""
+
+
+def _check_config_file(path: Path, known: set[str]) -> None:
+    # The file is read to be used, so a typo in it must not silently leave a default in force.
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigFileError(f"config file {path}: {exc}") from exc
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigFileError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -35,6 +35,13 @@ class KeyPattern:
             raise PatternError(f"key pattern {pattern!r} must contain {{id}} exactly once")
         if len(set(names)) != len(names):
             raise PatternError(f"key pattern {pattern!r} repeats a placeholder")
+        if not _PLACEHOLDER.sub("", pattern):
+            # "{id}" alone matches every key in the database: other applications' lists would
+            # be archived and rewritten as if they were conversations.
+            raise PatternError(
+                f"key pattern {pattern!r} has no fixed part and would match every key: "
+                "set CONSOLIDATOR_KEY_PATTERN to where the agents keep their sessions"
+            )
         glob_parts: list[str] = []
         regex_parts: list[str] = []
         pos = 0
