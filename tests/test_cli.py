@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from tests import agents
 from tests.conftest import REDIS_URL
+from tests.servers import free_port
 from worker.config import Settings
 
 CLI = [sys.executable, "-m", "worker"]
@@ -152,6 +153,42 @@ async def test_check_reports_healthy_servers_and_fails_on_a_dead_one(
     assert "redis       ok" in healthy.stdout and "postgresql  ok" in healthy.stdout
     dead = await cli(settings, "check", CONSOLIDATOR_REDIS_URL="redis://127.0.0.1:1/0")
     assert dead.returncode == 1 and "redis       FAIL" in dead.stdout
+
+
+async def test_a_server_away_is_one_line_and_exit_1_not_a_traceback(
+    make_settings: Callable[..., Settings], database_url: str
+) -> None:
+    settings = make_settings()
+    no_redis = await cli(settings, "stats", CONSOLIDATOR_REDIS_URL="redis://127.0.0.1:1/0")
+    missing = database_url.rsplit("/", 1)[0] + "/no_such_database"
+    no_database = await cli(settings, "history", "s1", CONSOLIDATOR_DATABASE_URL=missing)
+    for done, says in [(no_redis, "cannot reach Redis"), (no_database, "cannot reach PostgreSQL")]:
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(f"consolidator: {says}")
+
+
+async def test_the_daemon_waits_for_its_database_and_a_hangup_stops_it_cleanly(
+    make_settings: Callable[..., Settings],
+) -> None:
+    # A sidecar may start before PostgreSQL: it waits with backoff instead of crash-looping.
+    env = env_for(
+        make_settings(),
+        CONSOLIDATOR_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "run", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    events: list[str] = []
+    while "database_unreachable" not in events:
+        line = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert line, events
+        events.append(json.loads(line)["event"])
+    proc.send_signal(signal.SIGHUP)
+    _, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"Traceback" not in err
 
 
 async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current(

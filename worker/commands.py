@@ -29,6 +29,7 @@ from worker.config import Settings
 from worker.domain import Outcome, SessionRef
 from worker.hot.keys import KeyPattern
 from worker.hot.scanner import probe, scan_keys
+from worker.outages import first_line, outage
 from worker.pipeline import Options
 from worker.policy import classify
 from worker.runtime import Runtime, database_engine, open_runtime, redis_client
@@ -50,14 +51,35 @@ async def _require_schema(rt: Runtime) -> bool:
     return True
 
 
+async def _database_answers(rt: Runtime, stop: asyncio.Event) -> bool:
+    """Wait, with backoff, until PostgreSQL answers: a sidecar may start before its database.
+    False if stopped first."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            async with rt.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+        except Exception as exc:
+            if (reason := outage(exc)) is None:
+                raise
+            log.warning("database_unreachable", error=reason, retry_in_s=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 30.0)
+    return False
+
+
 async def daemon_main(
     settings: Settings, *, once: bool, install_signals: Callable[[asyncio.Event], None]
 ) -> int:
     async with open_runtime(settings) as rt:
-        if not await _require_schema(rt):
-            return 2
         stop = asyncio.Event()
         install_signals(stop)
+        if not once and not await _database_answers(rt, stop):
+            return 0  # stopped while waiting for it
+        if not await _require_schema(rt):
+            return 2
         async with contextlib.AsyncExitStack() as stack:
             if settings.metrics_port is not None:
                 from worker.http import serve_metrics
@@ -260,7 +282,7 @@ async def check_main(settings: Settings) -> int:
             print(f"postgresql  {state} {version} schema={found or 'none'} (needs {wanted})")
         except (SQLAlchemyError, OSError) as exc:
             healthy = False
-            print(f"postgresql  FAIL {str(exc).splitlines()[0]}")
+            print(f"postgresql  FAIL {outage(exc) or first_line(exc)}")
         print(f"layout      ok   {settings.layout.value} keys {settings.pattern}")
         print(f"summarizer  ok   {rt.pipeline.summarizer.name}")
     return 0 if healthy else 1
