@@ -231,6 +231,26 @@ async def test_restore_without_a_summary_puts_back_the_last_turns(
     assert await archived(pg, "r-plain") == written
 
 
+async def test_restore_of_a_session_never_summarized_puts_every_turn_back(
+    runtime: Runtime, redis: Redis
+) -> None:
+    # Archived and evicted without a summary: restoring only the last few turns would drop the
+    # rest from the agent's context, and the next pass would fold them as if it had them.
+    key = runtime.pattern.key_for("r-long")
+    written = await agents.conversation(redis, key, 9)
+    flushed = await cli(runtime.settings, "flush", "r-long", "--no-summarize", "--evict")
+    assert flushed.returncode == 0, flushed.stderr
+
+    whole = await cli(runtime.settings, "restore", "r-long")
+    assert whole.returncode == 0 and "note:" not in whole.stderr, whole.stderr
+    assert await redis.lrange(key, 0, -1) == written
+    last = await cli(runtime.settings, "restore", "r-long", "--turns", "2", "--force")
+    assert await redis.lrange(key, 0, -1) == written[-2:]
+    assert "7 archived turns lie between the start and the restored turns" in last.stderr
+    none = await cli(runtime.settings, "restore", "r-long", "--turns", "0", "--force")
+    assert none.returncode == 1 and "no summary, and no turn asked for" in none.stderr
+
+
 async def test_restore_of_an_unknown_session_fails(runtime: Runtime, redis: Redis) -> None:
     missing = await cli(runtime.settings, "restore", "never-archived")
     assert missing.returncode == 1 and "nothing archived" in missing.stderr

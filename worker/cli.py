@@ -227,7 +227,10 @@ def restore(
     session_id: Annotated[str, typer.Argument(help="The session id.")],
     turns: Annotated[
         int | None,
-        typer.Option("--turns", help="Recent turns to put back (default: keep_recent)."),
+        typer.Option(
+            "--turns",
+            help="Recent turns to put back (default: every turn after the latest summary).",
+        ),
     ] = None,
     ttl: Annotated[int, typer.Option("--ttl", help="Expiry of the restored key, seconds.")] = 86400,
     force: Annotated[
@@ -242,9 +245,8 @@ def restore(
     if ttl < 1:
         _usage_error("restore: --ttl must be at least 1 second")
     settings = _settings()
-    count = settings.keep_recent if turns is None else turns
     raise typer.Exit(
-        _run(lambda: restore_main(settings, session_id, turns=count, ttl_s=ttl, force=force))
+        _run(lambda: restore_main(settings, session_id, turns=turns, ttl_s=ttl, force=force))
     )
 
 

@@ -429,7 +429,7 @@ def _highlighted(snippet: str) -> Text:
 
 
 async def restore_main(
-    settings: Settings, session_id: str, *, turns: int, ttl_s: int, force: bool
+    settings: Settings, session_id: str, *, turns: int | None, ttl_s: int, force: bool
 ) -> int:
     from worker.hot.exclusive import LeaseBusy
     from worker.restore import RestoreError, RestoreStatus, restore
@@ -446,7 +446,7 @@ async def restore_main(
             print(f"consolidator: restore: {exc}", file=sys.stderr)
             return 1
     if result.status is RestoreStatus.NOTHING:
-        print(f"consolidator: nothing archived for session {session_id!r}", file=sys.stderr)
+        print(f"consolidator: {result.reason} for session {session_id!r}", file=sys.stderr)
         return 1
     if result.status is RestoreStatus.REFUSED:
         print(f"consolidator: restore refused: {result.key}: {result.reason}", file=sys.stderr)
@@ -458,9 +458,10 @@ async def restore_main(
         parts.append(f"{result.turns} turns from #{result.first_seq}")
     print(f"restored {session_id} into {result.key}: {' + '.join(parts)}; TTL {result.ttl_s}s")
     if result.left_out:
+        before = "the summary" if result.summary_through is not None else "the start"
         print(
-            f"note: {result.left_out} archived turns lie between the summary and the restored "
-            "turns and are in neither; raise --turns to include them",
+            f"note: {result.left_out} archived turns lie between {before} and the restored "
+            "turns and are not in Redis; restore without --turns to include them",
             file=sys.stderr,
         )
     return 0

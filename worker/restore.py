@@ -74,19 +74,23 @@ async def restore(
     settings: Settings,
     session_id: str,
     *,
-    turns: int,
+    turns: int | None,
     ttl_s: int,
     force: bool = False,
     now: datetime | None = None,
 ) -> RestoreResult:
     """Write the session's latest summary and last `turns` turns to its Redis key, with a TTL.
+    `turns` None: every turn after the summary, so that nothing falls between the two.
 
     Refuses (status REFUSED) when the key holds live state, unless `force`, which replaces it.
     """
     async with engine.connect() as conn:
         found = await _read_archive(conn, session_id, turns)
-    if found is None or (found.summary_text is None and not found.turns):
+    if found is None:
         return RestoreResult(RestoreStatus.NOTHING, session_id, reason="nothing archived")
+    if found.summary_text is None and not found.turns:
+        reason = "no summary, and no turn asked for" if turns == 0 else "nothing archived"
+        return RestoreResult(RestoreStatus.NOTHING, session_id, reason=reason)
     layout = _layout(settings, found.layout)
     now = now or datetime.now(UTC)
     summary_elements: list[bytes] = []
@@ -187,7 +191,7 @@ def _layout(settings: Settings, name: str) -> Layout:
         raise RestoreError(str(exc)) from exc
 
 
-async def _read_archive(conn: AsyncConnection, session_id: str, n: int) -> _Archived | None:
+async def _read_archive(conn: AsyncConnection, session_id: str, n: int | None) -> _Archived | None:
     row = (
         await conn.execute(
             select(
@@ -210,7 +214,7 @@ async def _read_archive(conn: AsyncConnection, session_id: str, n: int) -> _Arch
         )
     ).first()
     through = latest.through_seq if latest is not None else -1
-    # The last n turns, but none the summary already covers.
+    # The last n turns (every one when n is None), but none the summary already covers.
     recent = (
         await conn.execute(
             select(turns.c.seq, turns.c.raw)
