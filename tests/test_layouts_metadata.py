@@ -55,3 +55,19 @@ async def test_last_active_is_the_idle_signal_and_the_hash_is_archived(
     )
     assert (row["user_id"], row["agent_id"]) == ("u-zoe", "support-bot")
     assert float(json.loads(row["metadata"])["last_active"]) == now - 3600
+
+
+async def test_a_metadata_key_of_the_wrong_type_does_not_keep_the_history_from_the_archive(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    # The history must be archived before it expires; a broken extra beside it must not stop it.
+    settings = make_settings(
+        layout="gemini", key_pattern=prefix + "chat:{id}", metadata_pattern=prefix + "meta:{id}"
+    )
+    await redis.set(f"{prefix}chat:odd-meta", contents(10), ex=3600)
+    await redis.set(f"{prefix}meta:odd-meta", b"a string, not a hash")
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        outcomes = await rt.daemon.run_once()
+    assert [(o.session_id, o.status) for o in outcomes] == [("odd-meta", "consolidated")]
+    assert await pg.fetchval("SELECT count(*) FROM turns WHERE session_id = 'odd-meta'") == 10
+    assert await redis.get(f"{prefix}meta:odd-meta") == b"a string, not a hash"

@@ -7,12 +7,15 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import structlog
 from redis.asyncio import Redis
 
 from worker.domain import SessionRef, Snapshot
 from worker.hot.leases import Lease
 from worker.hot.scripts import Scripts, Swap, SwapResult
 from worker.layouts.base import DecodeError, Layout, Storage
+
+log = structlog.get_logger(__name__)
 
 
 class BadKey(Exception):
@@ -89,9 +92,12 @@ class HotStore:
             pipe.pttl(ref.key)
             if self._metadata_pattern:
                 pipe.hgetall(self._metadata_key(ref))
-            results = await pipe.execute()
+            results = await pipe.execute(raise_on_error=False)
+        for result in results[:2]:
+            if isinstance(result, Exception):
+                raise result
         data, ttl_ms = results[0], int(results[1])
-        metadata = _decode_hash(results[2]) if self._metadata_pattern else {}
+        metadata = self._metadata(ref, results[2]) if self._metadata_pattern else {}
         if data is None or ttl_ms == -2:
             return None
         if self._layout.storage is Storage.LIST:
@@ -105,6 +111,19 @@ class HotStore:
         except DecodeError as exc:
             raise BadKey("undecodable", f"{ref.key}: {exc}") from exc
         return Stored(Snapshot(ref, elements, ttl_ms, metadata), data, (), size)
+
+    def _metadata(self, ref: SessionRef, found: object) -> dict[str, str]:
+        """The metadata HASH, or nothing when its key holds something else: the history is what
+        must be archived before it expires, and an unreadable extra must not stop that."""
+        if isinstance(found, Exception):
+            log.warning(
+                "metadata_unreadable",
+                key=self._metadata_key(ref),
+                detail=f"metadata key unreadable, archived without it: {found}",
+            )
+            return {}
+        assert isinstance(found, dict)
+        return _decode_hash(found)
 
     def _metadata_key(self, ref: SessionRef) -> str:
         assert self._metadata_pattern is not None
