@@ -144,6 +144,30 @@ async def test_usage_and_configuration_errors_exit_2(
     assert unpaced.returncode == 0, unpaced.stderr
 
 
+async def test_out_of_range_arguments_exit_2_before_touching_anything(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    settings = make_settings()
+    key = settings.pattern.replace("{id}", "cli-range")
+    written = await agents.conversation(redis, key, 3)
+    refused = {
+        "a huge age": await cli(settings, "search", "order", "--since", "99999999d"),
+        "a date past year 9999 in UTC": await cli(
+            settings, "search", "order", "--since", "9999-12-31T23:59:59-05:00"
+        ),
+        "a pasted book": await cli(settings, "search", "giraffe " * 2000),
+        "an expiry Redis cannot keep": await cli(
+            settings, "restore", "cli-range", "--force", "--ttl", "10000000000000000"
+        ),
+        "an empty id": await cli(settings, "forget", ""),
+        "a huge retention age": await cli(settings, "prune", "--older-than", "99999999d"),
+    }
+    for what, done in refused.items():
+        assert done.returncode == 2, (what, done.stderr)
+        assert "Traceback" not in done.stderr and done.stderr.startswith("consolidator: "), what
+    assert await redis.lrange(key, 0, -1) == written
+
+
 async def test_check_reports_healthy_servers_and_fails_on_a_dead_one(
     make_settings: Callable[..., Settings],
 ) -> None:

@@ -222,6 +222,9 @@ def search(
     raise typer.Exit(code)
 
 
+MAX_RESTORE_TTL_S = 10 * 365 * 86400
+
+
 @app.command()
 def restore(
     session_id: Annotated[str, typer.Argument(help="The session id.")],
@@ -242,8 +245,9 @@ def restore(
 
     if turns is not None and turns < 0:
         _usage_error("restore: --turns cannot be negative")
-    if ttl < 1:
-        _usage_error("restore: --ttl must be at least 1 second")
+    if not 1 <= ttl <= MAX_RESTORE_TTL_S:
+        # Checked here: Redis refuses an expiry past its range only after the key is rewritten.
+        _usage_error(f"restore: --ttl must be 1 to {MAX_RESTORE_TTL_S} seconds (10 years)")
     settings = _settings()
     raise typer.Exit(
         _run(lambda: restore_main(settings, session_id, turns=turns, ttl_s=ttl, force=force))
@@ -262,6 +266,8 @@ def forget(
 
     if (session_id is None) == (user is None):
         _usage_error("forget: name a session id, or --user ID (not both)")
+    if not (session_id or user or "").strip():
+        _usage_error("forget: the session or user id is empty")
     settings = _settings()
     raise typer.Exit(_run(lambda: forget_main(settings, session_id=session_id, user_id=user)))
 

@@ -374,7 +374,7 @@ async def search_main(
     after: str | None,
     as_json: bool,
 ) -> int:
-    from worker.archive.search import BadCursor, EmptyQuery
+    from worker.archive.search import BadCursor, EmptyQuery, QueryTooLong
 
     async with _archive_clients(settings) as clients:
         if clients is None:
@@ -392,7 +392,7 @@ async def search_main(
                 after=after,
                 marks=DEFAULT_MARKS if as_json else (_MARK_ON, _MARK_OFF),
             )
-        except (EmptyQuery, BadCursor) as exc:
+        except (EmptyQuery, BadCursor, QueryTooLong) as exc:
             print(f"consolidator: search: {exc}", file=sys.stderr)
             return 2
     if as_json:

@@ -9,6 +9,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # One or more number+unit pairs: "90d", "1h30m", "45s".
 _DURATION = re.compile(r"^(?:\d+(?:\.\d+)?[smhdw])+$")
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+# Ages beyond this reach back before year 1 (or overflow); nothing archived is that old.
+_LONGEST = timedelta(days=365 * 1000)
 
 
 def parse_duration(value: str) -> timedelta:
@@ -19,20 +21,21 @@ def parse_duration(value: str) -> timedelta:
     seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(spec))
     if seconds <= 0:
         raise ValueError(f"duration must be positive: {value!r}")
+    if seconds > _LONGEST.total_seconds():
+        raise ValueError(f"duration too long: {value!r} (at most {_LONGEST.days} days)")
     return timedelta(seconds=seconds)
 
 
 def parse_instant(value: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 date or date-time (UTC when no offset), or a duration meaning that long ago."""
     spec = value.strip()
-    try:
+    if _DURATION.match(spec.lower()):
         return (now or datetime.now(UTC)) - parse_duration(spec)
-    except ValueError:
-        pass
     try:
         parsed = datetime.fromisoformat(spec.replace("Z", "+00:00"))
-    except ValueError:
+        # In UTC, as the archive compares it: "9999-12-31T23:59-05:00" lies past year 9999.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         raise ValueError(
             f"not a time: {value!r} (expected ISO 8601 like 2026-01-31T12:00 or an age like 7d)"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

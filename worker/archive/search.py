@@ -34,6 +34,15 @@ class BadCursor(ValueError):
     pass
 
 
+# PostgreSQL's snippets (ts_headline) cost grows with the square of the query's terms: 2,000
+# words took 26 s. A person's search is a few words; this leaves room for a pasted sentence.
+MAX_QUERY_CHARS = 1000
+
+
+class QueryTooLong(ValueError):
+    pass
+
+
 class EmptyQuery(ValueError):
     """The query has no searchable words (empty, or only stop words like "the")."""
 
@@ -168,6 +177,8 @@ def search_statement(query: SearchQuery) -> Select[Any]:
 
 
 async def search(conn: AsyncConnection, query: SearchQuery) -> SearchPage:
+    if len(query.text) > MAX_QUERY_CHARS:
+        raise QueryTooLong(f"the query is {len(query.text)} characters, at most {MAX_QUERY_CHARS}")
     lexemes = (await conn.execute(select(func.numnode(_tsquery(query.text))))).scalar_one()
     if not lexemes:
         raise EmptyQuery(f"nothing to search for in {query.text!r} (only stop words?)")
