@@ -33,6 +33,7 @@ from worker.outages import first_line, outage
 from worker.pipeline import Options
 from worker.policy import classify
 from worker.runtime import Runtime, database_engine, open_runtime, redis_client
+from worker.terminal import INDENT, printable
 
 log = structlog.get_logger(__name__)
 FAILED = ("failed", "quarantined", "conflict", "skipped")
@@ -250,12 +251,13 @@ async def history_main(settings: Settings, session_id: str, *, as_json: bool) ->
         when = entry.created_at.strftime("%Y-%m-%d %H:%M:%S") if entry.created_at else ""
         if entry.kind.value == "summary":
             console.print(f"[bold magenta]── summary through #{entry.seq} ──[/]", highlight=False)
-            console.print(entry.text, markup=False, highlight=False)
+            console.print(INDENT + printable(entry.text), markup=False, highlight=False)
         elif entry.kind.value == "gap":
-            console.print(f"[yellow]── gap before #{entry.seq}: {entry.text} ──[/]")
+            console.print(f"[yellow]── gap before #{entry.seq}: {escape(entry.text)} ──[/]")
         else:
-            console.print(f"[dim]#{entry.seq} {when}[/] [bold]{entry.role}[/]: ", end="")
-            console.print(entry.text, markup=False, highlight=False)
+            role = escape(printable(entry.role or ""))
+            console.print(f"[dim]#{entry.seq} {when}[/] [bold]{role}[/]: ", end="")
+            console.print(printable(entry.text), markup=False, highlight=False)
     return 0
 
 
@@ -404,8 +406,8 @@ async def search_main(
     for hit in page.hits:
         when = hit.created_at.strftime("%Y-%m-%d %H:%M") if hit.created_at else ""
         console.print(
-            f"[bold]{escape(hit.session_id)}[/] [dim]#{hit.seq} {when}[/] "
-            f"[cyan]{escape(hit.role)}[/] [dim]rank {hit.rank:.3f}[/]"
+            f"[bold]{escape(printable(hit.session_id))}[/] [dim]#{hit.seq} {when}[/] "
+            f"[cyan]{escape(printable(hit.role))}[/] [dim]rank {hit.rank:.3f}[/]"
         )
         console.print(_highlighted(hit.snippet))
     if not page.hits:
@@ -418,7 +420,7 @@ async def search_main(
 def _highlighted(snippet: str) -> Text:
     """The snippet with its matches styled; the turn's own text is never read as markup."""
     out = Text("  ")
-    for i, part in enumerate(snippet.replace("\n", " ").split(_MARK_ON)):
+    for i, part in enumerate(printable(snippet.replace("\n", " ")).split(_MARK_ON)):
         word, sep, rest = part.partition(_MARK_OFF)
         if i and sep:
             out.append(word, style="bold yellow")
