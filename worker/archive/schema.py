@@ -12,6 +12,15 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 _ROOT = Path(__file__).resolve().parents[2]
+# A checkout has them at its top (Alembic's layout); an installed package carries a copy.
+_MIGRATIONS = next(
+    (
+        p
+        for p in (_ROOT / "migrations", Path(__file__).resolve().parents[1] / "migrations")
+        if p.is_dir()
+    ),
+    _ROOT / "migrations",
+)
 
 
 class SchemaOutdated(RuntimeError):
@@ -19,8 +28,9 @@ class SchemaOutdated(RuntimeError):
 
 
 def alembic_config(database_url: str) -> Config:
-    config = Config(str(_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(_ROOT / "migrations"))
+    ini = _ROOT / "alembic.ini"
+    config = Config(str(ini) if ini.is_file() else None)
+    config.set_main_option("script_location", str(_MIGRATIONS))
     config.attributes["database_url"] = database_url
     return config
 
