@@ -111,6 +111,51 @@ async def test_flush_match_and_all_pick_sessions_by_id(
     assert await pg.fetchval("SELECT count(*) FROM turns WHERE session_id='beta-1'") == 3
 
 
+async def test_reading_the_archive_needs_no_model(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    settings = make_settings()
+    await agents.conversation(redis, settings.pattern.replace("{id}", "cli-read"), 3)
+    assert (await cli(settings, "flush", "cli-read")).returncode == 0
+    # Configured for a model whose key is not in this shell: reading must work all the same.
+    for args in (["history", "cli-read"], ["stats"]):
+        done = await cli(settings, *args, CONSOLIDATOR_SUMMARIZER="gemini")
+        assert done.returncode == 0, (args, done.stderr)
+        assert "summarizer" not in done.stderr, done.stderr
+
+
+async def test_flush_all_with_match_takes_only_the_matching_sessions(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    settings = make_settings()
+    for sid in ("gamma-1", "delta-1"):
+        await agents.conversation(redis, settings.pattern.replace("{id}", sid), 3)
+    done = await cli(settings, "flush", "--all", "--match", "gamma-*")
+    assert done.returncode == 0, done.stderr
+    archived = await pg.fetch(
+        "SELECT session_id FROM sessions WHERE redis_key LIKE $1", prefix + "%"
+    )
+    assert {r["session_id"] for r in archived} == {"gamma-1"}
+
+
+async def test_flush_by_id_finds_keys_that_also_name_an_app_and_a_user(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    # As ADK's keys do: the id alone does not make the key.
+    settings = make_settings(key_pattern=prefix + "adk:{app}:{user}:{id}")
+    written = await agents.conversation(redis, f"{prefix}adk:shop:alice:cli-adk", 6)
+    await agents.conversation(redis, f"{prefix}adk:shop:bob:cli-other", 6)
+    done = await cli(settings, "flush", "cli-adk")
+    assert done.returncode == 0 and "6 turns archived" in done.stderr, done.stderr
+    rows = await pg.fetch(
+        "SELECT session_id, app_name, user_id FROM sessions WHERE redis_key LIKE $1", prefix + "%"
+    )
+    assert [tuple(r) for r in rows] == [("cli-adk", "shop", "alice")]
+    assert len(written) == await pg.fetchval(
+        "SELECT count(*) FROM turns WHERE session_id = 'cli-adk'"
+    )
+
+
 async def test_flush_of_a_bad_session_exits_1_and_stats_shows_it_quarantined(
     make_settings: Callable[..., Settings], redis: Redis
 ) -> None:

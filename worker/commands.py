@@ -32,7 +32,7 @@ from worker.hot.scanner import probe, scan_keys
 from worker.outages import first_line, outage
 from worker.pipeline import Options
 from worker.policy import classify
-from worker.runtime import Runtime, database_engine, open_runtime, redis_client
+from worker.runtime import NoSummarizer, Runtime, database_engine, open_runtime, redis_client
 from worker.terminal import INDENT, printable
 
 log = structlog.get_logger(__name__)
@@ -127,17 +127,28 @@ async def _chosen_refs(
     rt: Runtime, ids: Sequence[str], all_sessions: bool, match: str | None
 ) -> list[SessionRef]:
     refs: dict[str, SessionRef] = {}
-    for session_id in ids:
+    wanted = set(ids)
+    if wanted and _names_more_than_the_id(rt.settings.pattern):
+        # An id alone does not make the key (ADK's app and user are in it): find its keys.
+        async for batch in scan_keys(rt.redis, rt.pattern, rt.settings.scan_count):
+            refs.update((ref.key, ref) for ref in batch if ref.session_id in wanted)
+        wanted -= {ref.session_id for ref in refs.values()}
+    for session_id in wanted:
         ref = _ref_for(rt.pattern, session_id)
         refs[ref.key] = ref
     if all_sessions or match is not None:
+        # --match narrows --all down, as it does on its own.
         pattern = rt.pattern
-        if match is not None and not all_sessions:
+        if match is not None:
             pattern = KeyPattern.compile(rt.settings.pattern, id_glob=match)
         async for batch in scan_keys(rt.redis, pattern, rt.settings.scan_count):
             for ref in batch:
                 refs.setdefault(ref.key, ref)
     return list(refs.values())
+
+
+def _names_more_than_the_id(pattern: str) -> bool:
+    return "{app}" in pattern or "{user}" in pattern
 
 
 def _ref_for(pattern: KeyPattern, session_id: str) -> SessionRef:
@@ -235,7 +246,7 @@ def _brief(outcome: Outcome) -> dict[str, object]:
 
 
 async def history_main(settings: Settings, session_id: str, *, as_json: bool) -> int:
-    async with open_runtime(settings) as rt:
+    async with open_runtime(settings, summarizer=NoSummarizer()) as rt:
         if not await _require_schema(rt):
             return 2
         entries = await ArchiveReader(rt.engine).history(session_id)
@@ -291,7 +302,7 @@ async def check_main(settings: Settings) -> int:
 
 
 async def stats_main(settings: Settings, *, as_json: bool) -> int:
-    async with open_runtime(settings) as rt:
+    async with open_runtime(settings, summarizer=NoSummarizer()) as rt:
         hot = {"sessions": 0, "bytes": 0, "pending": 0, "expiring": 0}
         async for refs in scan_keys(rt.redis, rt.pattern, settings.scan_count):
             for p in await probe(rt.redis, refs):
