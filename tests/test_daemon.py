@@ -7,11 +7,14 @@ import time
 from collections.abc import Callable
 
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from tests import agents
 from worker.config import Settings
-from worker.domain import Outcome, Trigger
+from worker.daemon import VisitCache
+from worker.domain import Outcome, SessionRef, Trigger
+from worker.hot.scanner import Probe
 from worker.runtime import Runtime, open_runtime
 from worker.summarizers.extractive import ExtractiveSummarizer
 
@@ -204,3 +207,21 @@ def _sample(rt: Runtime, name: str) -> float:
     value = rt.metrics.registry.get_sample_value(name)
     assert value is not None, name
     return value
+
+
+def test_a_visit_is_trusted_for_a_bounded_time_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A write in the same second as the daemon's own last access, with no TTL refresh and too
+    # small to move the memory figure, looks like no write at all: re-read it after a while.
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    ref = SessionRef("s", "conversation:s:history")
+    visits = VisitCache(max_age_s=600)
+    visits.remember(Probe(ref, 60_000_000, 0, 3000, clock[0]), 3000)
+
+    def probe_after(seconds: float) -> Probe:
+        clock[0] = 1_000_000.0 + seconds  # idle all along, same expiry, same memory
+        return Probe(ref, 60_000_000 - int(seconds * 1000), int(seconds), 3000, clock[0])
+
+    assert visits.unchanged(probe_after(30))
+    assert visits.unchanged(probe_after(599))
+    assert not visits.unchanged(probe_after(601))

@@ -52,9 +52,16 @@ class VisitCache:
     back (agents refresh the TTL as they write), and its memory is what it was after our write.
     Sessions near expiry are always read again, whatever this says. Bounded, so the daemon's
     memory does not grow with the keyspace.
+
+    One write can still go unseen: in the same second as the consolidator's own last access
+    (idle time cannot tell them apart), without a TTL refresh, and too small to move the memory
+    figure (it is rounded to the allocator's size classes). Redis offers no exact signal that
+    is not itself an access, so a visit is trusted for `max_age_s` at most: such a write waits
+    for the next read after that, or the expiry margin, whichever comes first.
     """
 
     capacity: int = 200_000
+    max_age_s: float = 3600.0
     _seen: OrderedDict[str, _Visit] = field(default_factory=OrderedDict)
 
     def remember(self, p: Probe, memory: int | None) -> None:
@@ -68,6 +75,8 @@ class VisitCache:
         if seen is None or p.idle_s is None or seen.memory is None:
             return False
         now = time.time()
+        if now - seen.done_at > self.max_age_s:
+            return False
         if p.idle_s < now - seen.done_at - 2.0:
             return False
         expires_at = p.expires_at
