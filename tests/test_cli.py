@@ -111,6 +111,17 @@ async def test_flush_match_and_all_pick_sessions_by_id(
     assert await pg.fetchval("SELECT count(*) FROM turns WHERE session_id='beta-1'") == 3
 
 
+async def test_flush_says_what_it_would_do_and_names_ids_it_did_not_find(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    await agents.conversation(redis, settings.pattern.replace("{id}", "cli-dry"), 5)
+    dry = await cli(settings, "flush", "cli-dry", "cli-typo", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "5 turns to archive" in dry.stderr and "no hot state for 'cli-typo'" in dry.stderr
+    assert await pg.fetchval("SELECT count(*) FROM turns WHERE session_id = 'cli-dry'") == 0
+
+
 async def test_reading_the_archive_needs_no_model(
     make_settings: Callable[..., Settings], redis: Redis
 ) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import shlex
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
@@ -171,18 +172,24 @@ async def flush_main(
             return 2
         refs = await _chosen_refs(rt, ids, all_sessions, match)
         options = Options(summarize=summarize, evict=evict, dry_run=dry_run)
+        archived = Counter[str]()
         with _progress(len(refs)) as advance:
-            outcomes = await _flush_with_retries(rt, refs, options, advance)
+            outcomes = await _flush_with_retries(rt, refs, options, advance, archived)
     totals: dict[str, int] = {}
     for outcome in outcomes:
         totals[outcome.status] = totals.get(outcome.status, 0) + 1
         if dry_run or outcome.status in FAILED:
             _out(_brief(outcome))
-    archived = sum(o.turns_archived for o in outcomes)
+    missing = sorted(
+        {o.session_id for o in outcomes if o.reason == "no hot state"} & set(ids), key=str
+    )
+    if missing:  # a mistyped id must not read as a success
+        print(f"consolidator: no hot state for {', '.join(map(repr, missing))}", file=sys.stderr)
+    done = "turns to archive" if dry_run else "turns archived"
     print(
         f"{len(outcomes)} sessions: "
         + ", ".join(f"{n} {status}" for status, n in sorted(totals.items()))
-        + f"; {archived} turns archived",
+        + f"; {sum(archived.values())} {done}",
         file=sys.stderr,
     )
     return 1 if any(o.status in FAILED for o in outcomes) else 0
@@ -193,9 +200,11 @@ async def _flush_with_retries(
     refs: list[SessionRef],
     options: Options,
     advance: Callable[[int], None],
+    archived: Counter[str],
     attempts: int = 3,
 ) -> list[Outcome]:
-    """A conflict or a lease held by a running daemon is transient: try again, briefly."""
+    """A conflict or a lease held by a running daemon is transient: try again, briefly.
+    `archived` counts each session's turns archived over every attempt, not the last one's."""
     final: dict[str, Outcome] = {}
     pending = refs
     for attempt in range(attempts):
@@ -207,6 +216,7 @@ async def _flush_with_retries(
             if outcome is None:
                 continue
             final[ref.key] = outcome
+            archived[ref.key] += outcome.turns_archived
             if outcome.status in ("conflict", "skipped") and attempt + 1 < attempts:
                 retry.append(ref)
             else:
