@@ -22,6 +22,7 @@ from worker.archive.retention import prune
 from worker.cancel import cancel_and_wait
 from worker.domain import Candidate, Outcome, SessionRef, Trigger
 from worker.hot.keys import KeyPattern
+from worker.hot.leases import release_leftovers
 from worker.hot.scanner import Probe, scan_and_probe
 from worker.pipeline import Options, Pipeline
 from worker.policy import classify
@@ -251,6 +252,7 @@ class Daemon:
         """Return when Redis and PostgreSQL both answer; raise the transient error otherwise."""
         async with asyncio.timeout(10):
             await self.pipeline.redis.ping()
+            await release_leftovers(self.pipeline.scripts)
             async with self.pipeline.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
 

@@ -62,12 +62,33 @@ async def claim(
             await _release(scripts, lease)
 
 
+# Leases whose release failed (Redis away): lease key -> token. Their sessions would wait out
+# the lease's TTL (a minute by default) after Redis returns, held back by this very process;
+# the daemon gives them back as soon as Redis answers again (release_leftovers).
+_UNRELEASED: dict[str, str] = {}
+_MAX_UNRELEASED = 10_000  # beyond this, the TTL alone frees them
+
+
 async def _release(scripts: Scripts, lease: Lease) -> None:
     try:
         await asyncio.shield(scripts.release(lease.key, lease.token))
     except (RedisError, OSError) as exc:
         # It expires by its TTL anyway; nothing is lost by leaving it.
         log.warning("lease_release_failed", lease=lease.key, error=str(exc))
+        if len(_UNRELEASED) < _MAX_UNRELEASED:
+            _UNRELEASED[lease.key] = lease.token
+
+
+async def release_leftovers(scripts: Scripts) -> int:
+    """Give back the leases whose release failed; how many were still ours. Compare-and-delete:
+    one that expired, or that another worker took since, is left alone."""
+    released = 0
+    for key, token in list(_UNRELEASED.items()):
+        released += await scripts.release(key, token)  # RedisError: still away, try next time
+        del _UNRELEASED[key]
+    if released:
+        log.info("leases_released_late", leases=released)
+    return released
 
 
 async def _keep_alive(
