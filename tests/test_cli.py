@@ -18,6 +18,7 @@ from tests import agents
 from tests.conftest import REDIS_URL
 from tests.servers import free_port
 from worker.config import Settings
+from worker.testing.gemini_server import GeminiServer
 
 CLI = [sys.executable, "-m", "worker"]
 
@@ -255,6 +256,25 @@ async def test_check_reports_healthy_servers_and_fails_on_a_dead_one(
     assert "redis       ok" in healthy.stdout and "postgresql  ok" in healthy.stdout
     dead = await cli(settings, "check", CONSOLIDATOR_REDIS_URL="redis://127.0.0.1:1/0")
     assert dead.returncode == 1 and "redis       FAIL" in dead.stdout
+
+
+async def test_check_asks_the_model_and_says_whether_it_answers(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    model = {"CONSOLIDATOR_SUMMARIZER": "gemini", "GEMINI_API_KEY": "k-secret-1234"}
+    async with GeminiServer() as server:
+        up = await cli(settings, "check", GOOGLE_GEMINI_BASE_URL=server.base_url, **model)
+    away = {"GOOGLE_GEMINI_BASE_URL": f"http://127.0.0.1:{free_port()}", **model}
+    down = await cli(settings, "check", CONSOLIDATOR_GEMINI_TIMEOUT_S="5", **away)
+    covered = await cli(settings, "check", CONSOLIDATOR_SUMMARY_FALLBACK="true", **away)
+
+    assert up.returncode == 0 and "summarizer  ok   gemini" in up.stdout, up.stdout + up.stderr
+    assert "answers" in up.stdout
+    assert down.returncode == 1 and "summarizer  FAIL gemini" in down.stdout, down.stdout
+    assert covered.returncode == 0 and "fall back to extractive" in covered.stdout
+    for done in (up, down, covered):
+        assert "k-secret-1234" not in done.stdout + done.stderr
 
 
 async def test_a_server_away_is_one_line_and_exit_1_not_a_traceback(

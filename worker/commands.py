@@ -34,6 +34,7 @@ from worker.outages import first_line, outage
 from worker.pipeline import Options
 from worker.policy import classify
 from worker.runtime import NoSummarizer, Runtime, database_engine, open_runtime, redis_client
+from worker.summarizers.base import Summarizer
 from worker.terminal import INDENT, printable
 
 log = structlog.get_logger(__name__)
@@ -307,8 +308,32 @@ async def check_main(settings: Settings) -> int:
             healthy = False
             print(f"postgresql  FAIL {outage(exc) or first_line(exc)}")
         print(f"layout      ok   {settings.layout.value} keys {settings.pattern}")
-        print(f"summarizer  ok   {rt.pipeline.summarizer.name}")
+        healthy &= await _check_summarizer(rt.pipeline.summarizer)
     return 0 if healthy else 1
+
+
+async def _check_summarizer(summarizer: Summarizer) -> bool:
+    """A model is asked to count one word's tokens: a wrong key, model name or address shows
+    here rather than as every summary failing. With a fallback the daemon still works."""
+    from worker.summarizers.gemini import GeminiSummarizer  # the SDK only where it is used
+    from worker.summarizers.select import FallbackSummarizer
+
+    fallback = isinstance(summarizer, FallbackSummarizer)
+    model = summarizer.primary if isinstance(summarizer, FallbackSummarizer) else summarizer
+    if not isinstance(model, GeminiSummarizer):
+        print(f"summarizer  ok   {summarizer.name}")
+        return True
+    try:
+        await model.count_tokens("ping")
+    except Exception as exc:  # whatever the SDK raises, it is the answer to report
+        then = "; summaries fall back to extractive" if fallback else ""
+        state = "ok  " if fallback else "FAIL"
+        print(
+            f"summarizer  {state} {model.name} {model.model} not answering: {first_line(exc)}{then}"
+        )
+        return fallback
+    print(f"summarizer  ok   {model.name} {model.model} answers")
+    return True
 
 
 async def stats_main(settings: Settings, *, as_json: bool) -> int:
