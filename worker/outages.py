@@ -6,6 +6,9 @@ before its database should wait for it. Anything else still surfaces as the erro
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import asyncpg
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -15,8 +18,13 @@ _POSTGRES_AWAY = (
     asyncpg.InvalidCatalogNameError,  # the database does not exist (yet)
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.CannotConnectNowError,  # starting up or shutting down
-    ConnectionError,
-    OSError,  # refused, unreachable, name not resolved: asyncpg raises the socket's own
+    ConnectionError,  # refused, reset: asyncpg raises the socket's own errors
+    socket.gaierror,  # the host name does not resolve
+)
+# Other socket errors that mean "the server cannot be reached", by errno; any other OSError
+# (a file, a permission) is not an outage and keeps its traceback.
+_UNREACHABLE_ERRNOS = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ETIMEDOUT, errno.EADDRNOTAVAIL}
 )
 
 
@@ -33,7 +41,9 @@ def outage(exc: BaseException) -> str | None:
     for error in chain:
         if isinstance(error, TimeoutError):
             return f"PostgreSQL did not answer in time: {first_line(error)}"
-        if isinstance(error, _POSTGRES_AWAY):
+        if isinstance(error, _POSTGRES_AWAY) or (
+            isinstance(error, OSError) and error.errno in _UNREACHABLE_ERRNOS
+        ):
             return f"cannot reach PostgreSQL: {first_line(error)}"
     return None
 
