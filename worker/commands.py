@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import shlex
 import sys
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 
 import orjson
@@ -31,9 +30,9 @@ from worker.domain import Outcome, SessionRef
 from worker.hot.keys import KeyPattern
 from worker.hot.scanner import probe, scan_keys
 from worker.outages import first_line, outage
-from worker.pipeline import Options
+from worker.pipeline import NO_HOT_STATE, Options
 from worker.policy import classify
-from worker.runtime import NoSummarizer, Runtime, database_engine, open_runtime, redis_client
+from worker.runtime import Runtime, database_engine, open_runtime, redis_client
 from worker.summarizers.base import Summarizer
 from worker.terminal import INDENT, printable
 
@@ -173,24 +172,21 @@ async def flush_main(
             return 2
         refs = await _chosen_refs(rt, ids, all_sessions, match)
         options = Options(summarize=summarize, evict=evict, dry_run=dry_run)
-        archived = Counter[str]()
         with _progress(len(refs)) as advance:
-            outcomes = await _flush_with_retries(rt, refs, options, advance, archived)
+            outcomes = await _flush_with_retries(rt, refs, options, advance)
     totals: dict[str, int] = {}
     for outcome in outcomes:
         totals[outcome.status] = totals.get(outcome.status, 0) + 1
         if dry_run or outcome.status in FAILED:
             _out(_brief(outcome))
-    missing = sorted(
-        {o.session_id for o in outcomes if o.reason == "no hot state"} & set(ids), key=str
-    )
+    missing = sorted({o.session_id for o in outcomes if o.reason == NO_HOT_STATE} & set(ids))
     if missing:  # a mistyped id must not read as a success
         print(f"consolidator: no hot state for {', '.join(map(repr, missing))}", file=sys.stderr)
     done = "turns to archive" if dry_run else "turns archived"
     print(
         f"{len(outcomes)} sessions: "
         + ", ".join(f"{n} {status}" for status, n in sorted(totals.items()))
-        + f"; {sum(archived.values())} {done}",
+        + f"; {sum(o.turns_archived for o in outcomes)} {done}",
         file=sys.stderr,
     )
     return 1 if any(o.status in FAILED for o in outcomes) else 0
@@ -201,11 +197,10 @@ async def _flush_with_retries(
     refs: list[SessionRef],
     options: Options,
     advance: Callable[[int], None],
-    archived: Counter[str],
     attempts: int = 3,
 ) -> list[Outcome]:
-    """A conflict or a lease held by a running daemon is transient: try again, briefly.
-    `archived` counts each session's turns archived over every attempt, not the last one's."""
+    """A conflict or a lease held by a running daemon is transient: try again, briefly. A
+    session's outcome is its last attempt's, with the turns every attempt archived."""
     final: dict[str, Outcome] = {}
     pending = refs
     for attempt in range(attempts):
@@ -216,8 +211,10 @@ async def _flush_with_retries(
             outcome = by_id.get(ref.session_id)
             if outcome is None:
                 continue
+            if (earlier := final.get(ref.key)) is not None:
+                archived = earlier.turns_archived + outcome.turns_archived
+                outcome = replace(outcome, turns_archived=archived)
             final[ref.key] = outcome
-            archived[ref.key] += outcome.turns_archived
             if outcome.status in ("conflict", "skipped") and attempt + 1 < attempts:
                 retry.append(ref)
             else:
@@ -257,10 +254,11 @@ def _brief(outcome: Outcome) -> dict[str, object]:
 
 
 async def history_main(settings: Settings, session_id: str, *, as_json: bool) -> int:
-    async with open_runtime(settings, summarizer=NoSummarizer()) as rt:
-        if not await _require_schema(rt):
+    async with _archive_clients(settings) as clients:
+        if clients is None:
             return 2
-        entries = await ArchiveReader(rt.engine).history(session_id)
+        _, engine = clients
+        entries = await ArchiveReader(engine).history(session_id)
     if not entries:
         print(f"consolidator: no archived session {session_id!r}", file=sys.stderr)
         return 1
@@ -337,10 +335,14 @@ async def _check_summarizer(summarizer: Summarizer) -> bool:
 
 
 async def stats_main(settings: Settings, *, as_json: bool) -> int:
-    async with open_runtime(settings, summarizer=NoSummarizer()) as rt:
+    pattern = KeyPattern.compile(settings.pattern)
+    async with _archive_clients(settings) as clients:
+        if clients is None:
+            return 2
+        redis, engine = clients
         hot = {"sessions": 0, "bytes": 0, "pending": 0, "expiring": 0}
-        async for refs in scan_keys(rt.redis, rt.pattern, settings.scan_count):
-            for p in await probe(rt.redis, refs):
+        async for refs in scan_keys(redis, pattern, settings.scan_count):
+            for p in await probe(redis, refs):
                 hot["sessions"] += 1
                 hot["bytes"] += p.size_bytes or 0
                 trigger = classify(
@@ -353,9 +355,7 @@ async def stats_main(settings: Settings, *, as_json: bool) -> int:
                 )
                 hot["pending"] += trigger is not None
                 hot["expiring"] += trigger is not None and trigger.value == "expiring"
-        if not await _require_schema(rt):
-            return 2
-        reader = ArchiveReader(rt.engine)
+        reader = ArchiveReader(engine)
         cold = await reader.counts()
         quarantined = await reader.quarantined()
     if as_json:

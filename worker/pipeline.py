@@ -34,6 +34,7 @@ from worker.summarizers.base import Summarizer, SummarizerUnavailable, SummaryRe
 
 log = structlog.get_logger(__name__)
 _MARKER = re.compile(r"^\d+ earlier turns archived\.$")
+NO_HOT_STATE = "no hot state"  # the reason given when a session's key is gone or empty
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,7 @@ class Pipeline:
         except BadKey as bad:
             return await self._quarantine(ref, bad.reason, bad.detail, options)
         if stored is None or not stored.snapshot.elements:
-            return Outcome(ref.session_id, "unchanged", reason="no hot state")
+            return Outcome(ref.session_id, "unchanged", reason=NO_HOT_STATE)
         snap = stored.snapshot
         try:
             hot_turns = [_storable(t) for t in decode_turns(self.layout, snap.elements)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -11,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from worker.config import Settings
 from worker.daemon import Daemon
-from worker.domain import SummaryText, Turn
 from worker.hot.keys import KeyPattern
 from worker.hot.scripts import Scripts
 from worker.hot.store import HotStore
@@ -61,21 +60,6 @@ def database_engine(url: str, pool_size: int, timeout_s: float = 30.0) -> AsyncE
         # asyncpg: `timeout` bounds connecting, `command_timeout` every statement.
         connect_args={"timeout": timeout_s, "command_timeout": timeout_s},
     )
-
-
-class NoSummarizer:
-    """For commands that only read (history, stats): they need no model, so a missing model
-    key must not stop them, nor should they announce which summarizer they would use."""
-
-    name = "none"
-
-    async def summarize(
-        self, previous: str | None, turns: Sequence[Turn], max_chars: int
-    ) -> SummaryText:
-        raise RuntimeError("this command does not summarize")
-
-    async def aclose(self) -> None:
-        pass
 
 
 def default_summarizer(settings: Settings) -> Summarizer:

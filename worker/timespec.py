@@ -26,16 +26,24 @@ def parse_duration(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def iso_instant(text: str) -> datetime | None:
+    """An ISO 8601 date or date-time, in UTC (taken as UTC without an offset); None when it is
+    not one, or lies outside years 1 to 9999 once in UTC ("0001-01-01T00:00+05:00" does), where
+    PostgreSQL and Python cannot both hold it."""
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
 def parse_instant(value: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 date or date-time (UTC when no offset), or a duration meaning that long ago."""
     spec = value.strip()
     if _DURATION.match(spec.lower()):
         return (now or datetime.now(UTC)) - parse_duration(spec)
-    try:
-        parsed = datetime.fromisoformat(spec.replace("Z", "+00:00"))
-        # In UTC, as the archive compares it: "9999-12-31T23:59-05:00" lies past year 9999.
-        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    except (ValueError, OverflowError):
+    if (instant := iso_instant(spec)) is None:
         raise ValueError(
             f"not a time: {value!r} (expected ISO 8601 like 2026-01-31T12:00 or an age like 7d)"
-        ) from None
+        )
+    return instant

@@ -13,14 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 _ROOT = Path(__file__).resolve().parents[2]
 # A checkout has them at its top (Alembic's layout); an installed package carries a copy.
-_MIGRATIONS = next(
-    (
-        p
-        for p in (_ROOT / "migrations", Path(__file__).resolve().parents[1] / "migrations")
-        if p.is_dir()
-    ),
-    _ROOT / "migrations",
-)
+_MIGRATIONS = _ROOT / "migrations"
+if not _MIGRATIONS.is_dir():
+    _MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 
 
 class SchemaOutdated(RuntimeError):

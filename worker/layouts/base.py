@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import orjson
 
 from worker.domain import SessionRef, Turn
+from worker.timespec import iso_instant
 
 
 class Storage(enum.Enum):
@@ -113,13 +114,8 @@ def parse_timestamp(value: object) -> datetime | None:
         except (OverflowError, OSError, ValueError):
             return None
     if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            # In UTC, as it is stored: "0001-01-01T00:00+05:00" parses but lies before year 1
-            # there, and would fail the session's archive write on every pass until it expired.
-            return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-        except (ValueError, OverflowError):
-            return None
+        # One that cannot be stored would fail the session's archive write on every pass.
+        return iso_instant(value)
     return None
 
 
