@@ -156,6 +156,8 @@ async def test_queries_without_searchable_words_and_foreign_cursors_are_refused(
     reader = ArchiveReader(runtime.engine)
     with pytest.raises(EmptyQuery):
         await reader.search("the and of")
+    with pytest.raises(EmptyQuery, match="symbols and punctuation are not indexed"):
+        await reader.search("€ -- ?")
     with pytest.raises(BadCursor):
         await reader.search("refund", after="not-a-cursor")
 
@@ -178,9 +180,9 @@ async def test_cli_json_lines_page_through_with_the_cursor(
         runtime.settings, "search", "warranty", "--user", user, "--limit", "3", "--json"
     )
     assert first.returncode == 0, first.stderr
-    lines = [json.loads(line) for line in first.stdout.splitlines()]
-    hits, end = lines[:-1], lines[-1]
-    assert len(hits) == 3 and set(end) == {"cursor"} and end["cursor"]
+    hits = [json.loads(line) for line in first.stdout.splitlines()]
+    assert len(hits) == 3
+    assert f"more: add --after {hits[-1]['cursor']}" in first.stderr
     assert set(hits[0]) == {
         "session_id",
         "seq",
@@ -190,24 +192,45 @@ async def test_cli_json_lines_page_through_with_the_cursor(
         "created_at",
         "rank",
         "snippet",
+        "cursor",
     }
     assert hits[0]["session_id"] == f"{prefix}cli" and hits[0]["kind"] == "turn"
     assert datetime.fromisoformat(hits[0]["created_at"]) == created
     assert "<mark>warranty</mark>" in hits[0]["snippet"]
 
     rest = await cli(
-        runtime.settings, "search", "warranty", "--user", user, "--json", "--after", end["cursor"]
+        runtime.settings,
+        "search",
+        "warranty",
+        "--user",
+        user,
+        "--json",
+        "--after",
+        hits[-1]["cursor"],
     )
     assert rest.returncode == 0, rest.stderr
     more = [json.loads(line) for line in rest.stdout.splitlines()]
-    assert more[-1] == {"cursor": None}
-    seqs = [h["seq"] for h in hits + more[:-1]]
+    assert "more:" not in rest.stderr
+    seqs = [h["seq"] for h in hits + more]
     assert sorted(seqs) == [0, 1, 2, 3, 4]
+
+    # Any hit's cursor resumes right after it: a consumer that stopped midway goes on from there.
+    resumed = await cli(
+        runtime.settings,
+        "search",
+        "warranty",
+        "--user",
+        user,
+        "--json",
+        "--after",
+        hits[0]["cursor"],
+    )
+    assert [json.loads(x)["seq"] for x in resumed.stdout.splitlines()] == seqs[1:]
 
     only_users = await cli(
         runtime.settings, "search", "warranty", "--user", user, "--role", "user", "--json"
     )
-    assert {json.loads(x)["seq"] for x in only_users.stdout.splitlines()[:-1]} == {1, 3}
+    assert {json.loads(x)["seq"] for x in only_users.stdout.splitlines()} == {1, 3}
 
 
 async def test_cli_terminal_output_and_usage_errors(

@@ -194,7 +194,7 @@ def search(
         str | None, typer.Option("--after", help="The cursor a previous page ended with.")
     ] = None,
     json: Annotated[
-        bool, typer.Option("--json", help="JSON Lines: one hit a line, then the cursor.")
+        bool, typer.Option("--json", help="JSON Lines: one hit a line, each with its cursor.")
     ] = False,
 ) -> None:
     """Full-text search over archived turns, best match first."""

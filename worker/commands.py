@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.archive.reader import ArchiveReader
 from worker.archive.schema import SchemaOutdated, current_revision, ensure_current, head_revision
-from worker.archive.search import DEFAULT_MARKS
+from worker.archive.search import DEFAULT_MARKS, SearchHit
 from worker.config import Settings
 from worker.domain import Outcome, SessionRef
 from worker.hot.keys import KeyPattern
@@ -444,23 +444,27 @@ async def search_main(
             print(f"consolidator: search: {exc}", file=sys.stderr)
             return 2
     if as_json:
+        # One object per hit and nothing else, as for every --json; each carries its own cursor.
         for hit in page.hits:
             _out(hit.as_json())
-        _out({"cursor": page.cursor})
-        return 0
+    else:
+        _print_hits(page.hits)
+    if not page.hits:
+        print("no matches", file=sys.stderr)
+    elif page.cursor:
+        print(f"more: add --after {page.cursor}", file=sys.stderr)
+    return 0
+
+
+def _print_hits(hits: list[SearchHit]) -> None:
     console = Console(highlight=False)
-    for hit in page.hits:
+    for hit in hits:
         when = hit.created_at.strftime("%Y-%m-%d %H:%M") if hit.created_at else ""
         console.print(
             f"[bold]{escape(printable(hit.session_id))}[/] [dim]#{hit.seq} {when}[/] "
             f"[cyan]{escape(printable(hit.role))}[/] [dim]rank {hit.rank:.3f}[/]"
         )
         console.print(_highlighted(hit.snippet))
-    if not page.hits:
-        print("no matches", file=sys.stderr)
-    elif page.cursor:
-        print(f"more: add --after {page.cursor}", file=sys.stderr)
-    return 0
 
 
 def _highlighted(snippet: str) -> Text:

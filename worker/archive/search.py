@@ -44,7 +44,7 @@ class QueryTooLong(ValueError):
 
 
 class EmptyQuery(ValueError):
-    """The query has no searchable words (empty, or only stop words like "the")."""
+    """The query has no searchable words (empty, stop words like "the", symbols like "€")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,13 @@ class SearchHit:
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "rank": self.rank,
             "snippet": self.snippet,
+            "cursor": self.cursor,
         }
+
+    @property
+    def cursor(self) -> str:
+        """Pass as `after` to go on with the hits ranked below this one."""
+        return encode_cursor(self.rank, self.session_id, self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +187,10 @@ async def search(conn: AsyncConnection, query: SearchQuery) -> SearchPage:
         raise QueryTooLong(f"the query is {len(query.text)} characters, at most {MAX_QUERY_CHARS}")
     lexemes = (await conn.execute(select(func.numnode(_tsquery(query.text))))).scalar_one()
     if not lexemes:
-        raise EmptyQuery(f"nothing to search for in {query.text!r} (only stop words?)")
+        raise EmptyQuery(
+            f"nothing to search for in {query.text!r}: "
+            "stop words (like 'the'), symbols and punctuation are not indexed"
+        )
     rows = (await conn.execute(search_statement(query))).all()
     hits = [
         SearchHit(
@@ -195,8 +204,4 @@ async def search(conn: AsyncConnection, query: SearchQuery) -> SearchPage:
         )
         for row in rows[: query.limit]
     ]
-    cursor = None
-    if len(rows) > query.limit:
-        last = hits[-1]
-        cursor = encode_cursor(last.rank, last.session_id, last.seq)
-    return SearchPage(hits, cursor)
+    return SearchPage(hits, hits[-1].cursor if len(rows) > query.limit else None)
