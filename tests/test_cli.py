@@ -190,6 +190,8 @@ async def test_usage_and_configuration_errors_exit_2(
     settings = make_settings()
     no_target = await cli(settings, "flush")
     assert no_target.returncode == 2 and "name session ids" in no_target.stderr
+    empty_glob = await cli(settings, "flush", "--match", "")
+    assert empty_glob.returncode == 2 and "matches no session id" in empty_glob.stderr
     bad_layout = await cli(settings, "stats", CONSOLIDATOR_LAYOUT="nonsense")
     assert bad_layout.returncode == 2 and "layout" in bad_layout.stderr
     bad_pattern = await cli(settings, "stats", CONSOLIDATOR_KEY_PATTERN="no-placeholder")

@@ -106,6 +106,8 @@ def flush(
 
     if not ids and not all_ and match is None:
         _usage_error("flush: name session ids, --all or --match GLOB")
+    if match == "":
+        _usage_error("flush: --match '' matches no session id; '*' matches them all")
     settings = _settings()
     code = _run(
         lambda: flush_main(
