@@ -168,6 +168,23 @@ async def test_flush_by_id_finds_keys_that_also_name_an_app_and_a_user(
     )
 
 
+async def test_flush_of_one_id_held_by_two_users_reports_each_key_on_its_own(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    settings = make_settings(key_pattern=prefix + "adk:{app}:{user}:{id}")
+    keys = [f"{prefix}adk:shop:{who}:cli-shared" for who in ("alice", "bob")]
+    for key in keys:
+        await agents.conversation(redis, key, 6)
+    done = await cli(settings, "flush", "cli-shared")
+    # One conversation is archived; the other key is quarantined, and said to be, by its key.
+    assert done.returncode == 1, done.stderr
+    assert "2 sessions: 1 consolidated, 1 quarantined; 6 turns archived" in done.stderr
+    [report] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert report["status"] == "quarantined" and "id_collision" in report["reason"]
+    owner = await pg.fetchval("SELECT redis_key FROM sessions WHERE session_id = 'cli-shared'")
+    assert {owner, report["redis_key"]} == set(keys)
+
+
 async def test_flush_of_a_bad_session_exits_1_and_stats_shows_it_quarantined(
     make_settings: Callable[..., Settings], redis: Redis
 ) -> None:

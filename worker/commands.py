@@ -173,12 +173,13 @@ async def flush_main(
         refs = await _chosen_refs(rt, ids, all_sessions, match)
         options = Options(summarize=summarize, evict=evict, dry_run=dry_run)
         with _progress(len(refs)) as advance:
-            outcomes = await _flush_with_retries(rt, refs, options, advance)
+            flushed = await _flush_with_retries(rt, refs, options, advance)
+    outcomes = [outcome for _, outcome in flushed]
     totals: dict[str, int] = {}
-    for outcome in outcomes:
+    for ref, outcome in flushed:
         totals[outcome.status] = totals.get(outcome.status, 0) + 1
         if dry_run or outcome.status in FAILED:
-            _out(_brief(outcome))
+            _out(_brief(ref, outcome))
     missing = sorted({o.session_id for o in outcomes if o.reason == NO_HOT_STATE} & set(ids))
     if missing:  # a mistyped id must not read as a success
         print(f"consolidator: no hot state for {', '.join(map(repr, missing))}", file=sys.stderr)
@@ -198,23 +199,19 @@ async def _flush_with_retries(
     options: Options,
     advance: Callable[[int], None],
     attempts: int = 3,
-) -> list[Outcome]:
+) -> list[tuple[SessionRef, Outcome]]:
     """A conflict or a lease held by a running daemon is transient: try again, briefly. A
     session's outcome is its last attempt's, with the turns every attempt archived."""
-    final: dict[str, Outcome] = {}
+    final: dict[str, tuple[SessionRef, Outcome]] = {}
     pending = refs
     for attempt in range(attempts):
-        outcomes = await rt.daemon.process(((ref, None, None) for ref in pending), options=options)
-        by_id = {o.session_id: o for o in outcomes}
+        done = await rt.daemon.process(((ref, None, None) for ref in pending), options=options)
         retry = []
-        for ref in pending:
-            outcome = by_id.get(ref.session_id)
-            if outcome is None:
-                continue
+        for ref, outcome in done:
             if (earlier := final.get(ref.key)) is not None:
-                archived = earlier.turns_archived + outcome.turns_archived
+                archived = earlier[1].turns_archived + outcome.turns_archived
                 outcome = replace(outcome, turns_archived=archived)
-            final[ref.key] = outcome
+            final[ref.key] = (ref, outcome)
             if outcome.status in ("conflict", "skipped") and attempt + 1 < attempts:
                 retry.append(ref)
             else:
@@ -242,9 +239,10 @@ def _progress(total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n: progress.advance(task, n)
 
 
-def _brief(outcome: Outcome) -> dict[str, object]:
+def _brief(ref: SessionRef, outcome: Outcome) -> dict[str, object]:
     return {
         "session_id": outcome.session_id,
+        "redis_key": ref.key,
         "status": outcome.status,
         "turns_archived": outcome.turns_archived,
         "turns_folded": outcome.turns_folded,

@@ -151,9 +151,10 @@ class Daemon:
         work = await self.find_work()
         log.info("scan_done", candidates=len(work))
         items = ((c.ref, p, c) for c, p in work)
-        outcomes = await self.process(
+        done = await self.process(
             items, stop=stop, options=Options(), on_outcome=on_outcome, until=until
         )
+        outcomes = [outcome for _, outcome in done]
         # Each session taken gives one outcome: any left over, without a stop, were left by the
         # time limit.
         left = len(work) - len(outcomes)
@@ -171,11 +172,13 @@ class Daemon:
         options: Options,
         on_outcome: Callable[[Outcome], None] | None = None,
         until: float | None = None,
-    ) -> list[Outcome]:
+    ) -> list[tuple[SessionRef, Outcome]]:
         """Consolidate sessions with at most `concurrency` at once; stop taking new ones on
-        stop, and, from `until` (monotonic time) on, any but those about to expire."""
+        stop, and, from `until` (monotonic time) on, any but those about to expire. Each
+        session taken comes back with its outcome, in the order they finished: by key, since
+        one id may be held by two keys (two users of one app, say)."""
         queue = iter(items)
-        outcomes: list[Outcome] = []
+        outcomes: list[tuple[SessionRef, Outcome]] = []
 
         async def work() -> None:
             for ref, p, cand in queue:
@@ -185,7 +188,7 @@ class Daemon:
                 if not urgent and not await self._may_start(stop, until):
                     return
                 outcome = await self._one(ref, p, cand, options)
-                outcomes.append(outcome)
+                outcomes.append((ref, outcome))
                 if on_outcome is not None:
                     on_outcome(outcome)
 
