@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -198,16 +200,11 @@ async def test_cli_json_lines_page_through_with_the_cursor(
     assert datetime.fromisoformat(hits[0]["created_at"]) == created
     assert "<mark>warranty</mark>" in hits[0]["snippet"]
 
-    rest = await cli(
-        runtime.settings,
-        "search",
-        "warranty",
-        "--user",
-        user,
-        "--json",
-        "--after",
-        hits[-1]["cursor"],
-    )
+    def after(cursor: str) -> Awaitable[subprocess.CompletedProcess[str]]:
+        args = ("search", "warranty", "--user", user, "--json", "--after", cursor)
+        return cli(runtime.settings, *args)
+
+    rest = await after(hits[-1]["cursor"])
     assert rest.returncode == 0, rest.stderr
     more = [json.loads(line) for line in rest.stdout.splitlines()]
     assert "more:" not in rest.stderr
@@ -215,16 +212,7 @@ async def test_cli_json_lines_page_through_with_the_cursor(
     assert sorted(seqs) == [0, 1, 2, 3, 4]
 
     # Any hit's cursor resumes right after it: a consumer that stopped midway goes on from there.
-    resumed = await cli(
-        runtime.settings,
-        "search",
-        "warranty",
-        "--user",
-        user,
-        "--json",
-        "--after",
-        hits[0]["cursor"],
-    )
+    resumed = await after(hits[0]["cursor"])
     assert [json.loads(x)["seq"] for x in resumed.stdout.splitlines()] == seqs[1:]
 
     only_users = await cli(
