@@ -317,3 +317,42 @@ async def test_an_unreadable_value_is_quarantined_and_left_alone(
     assert outcome.status == "quarantined", outcome
     assert await redis.get(key) == value
     assert await pg.fetchval("SELECT count(*) FROM quarantine WHERE redis_key = $1", key) == 1
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        pytest.param(lambda rows: json.dumps(rows, separators=(",", ":")), id="compact-ascii"),
+        pytest.param(lambda rows: json.dumps(rows, ensure_ascii=False), id="spaced-utf8"),
+        pytest.param(lambda rows: json.dumps(rows, indent=2), id="indented"),
+    ],
+)
+async def test_an_agent_that_saves_the_summary_its_own_way_still_has_it_recognised(
+    make_settings: Callable[..., Settings],
+    redis: Redis,
+    pg: asyncpg.Connection,
+    prefix: str,
+    save: Callable[[list[Any]], str],
+) -> None:
+    # ASCII-only turns tell nothing of how the agent escapes: the summary (with its "…") is
+    # written in a guessed style, and the agent's next save spells it its own way.
+    rows: list[Any] = [
+        {"role": "user" if i % 2 == 0 else "model", "parts": [{"text": f"Turn {i}: " + "x" * 500}]}
+        for i in range(12)
+    ]
+    sid = "styled-" + prefix.rstrip(":")  # session ids are global to the shared archive
+    key = f"{prefix}chat:{sid}"
+    await redis.set(key, save(rows).encode(), ex=TTL_S)
+    settings = make_settings(layout="gemini", key_pattern=prefix + "chat:{id}", keep_recent=4)
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        first = await rt.pipeline.consolidate(ref_of(rt, key))
+        assert first.status == "consolidated", first
+        hot = json.loads(await value_of(redis, key))
+        assert "…" in hot[0]["parts"][0]["text"]
+        new = [{"role": "user", "parts": [{"text": "And one more thing."}]}]
+        await redis.set(key, save(hot + new).encode(), keepttl=True)  # the agent's next turn
+
+        again = await rt.pipeline.consolidate(ref_of(rt, key))
+
+    assert again.turns_archived == 1 and not again.gap, again
+    assert [json.loads(raw) for raw in await archived(pg, sid)] == rows + new

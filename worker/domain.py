@@ -8,10 +8,26 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 
 def digest(raw: bytes) -> bytes:
     """Identity of a stored element: what the archive and the hot tier are aligned by."""
     return hashlib.sha256(raw).digest()
+
+
+def head_digests(raw: bytes) -> tuple[bytes, bytes]:
+    """How a summary element is recognised at the head of the hot state: by what it says as
+    JSON (keys sorted, one spelling of each string), then by its bytes. An agent that loads and
+    saves its whole history again (seed 003's one-string layout) may write the summary with
+    other escapes, spacing or indentation than the daemon guessed; it is still that summary.
+    Summaries archived before this identity existed are known by their bytes alone."""
+    exact = digest(raw)
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return exact, exact
+    return digest(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)), exact
 
 
 class Kind(enum.StrEnum):

@@ -92,7 +92,7 @@ class Pipeline:
         size_before = sum(len(e) for e in snap.elements)
 
         shas = [t.sha for t in hot_turns]
-        state = await self.archive.read_state(ref.session_id, shas[0], len(shas))
+        state = await self.archive.read_state(ref.session_id, hot_turns[0].raw, len(shas))
         if clash := await self._other_owner(ref, state.origin):
             return await self._quarantine(ref, "id_collision", clash, options)
         # The snapshot and the archive state must describe the same session: a worker that

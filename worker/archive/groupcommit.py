@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from worker.archive import writer
 from worker.archive.tables import gaps, summaries
 from worker.archive.writer import ArchivedFrom, ArchiveState
-from worker.domain import SessionRef, SummaryText, Turn, digest
+from worker.domain import SessionRef, SummaryText, Turn, head_digests
 from worker.policy import HeadSummary
 
 log = structlog.get_logger(__name__)
@@ -78,7 +78,7 @@ class AppliedRequest:
 @dataclass(frozen=True, slots=True)
 class StateRequest:
     session_id: str
-    head_sha: bytes | None
+    head: bytes | None  # the first element of the hot state
     hot_len: int
 
 
@@ -278,10 +278,8 @@ class GroupCommit:
         async with self._engine.connect() as conn:
             yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
-    async def read_state(
-        self, session_id: str, head_sha: bytes | None, hot_len: int
-    ) -> ArchiveState:
-        return await self._reads.submit(StateRequest(session_id, head_sha, hot_len))
+    async def read_state(self, session_id: str, head: bytes | None, hot_len: int) -> ArchiveState:
+        return await self._reads.submit(StateRequest(session_id, head, hot_len))
 
     async def archive(self, request: ArchiveRequest) -> bool:
         """True when the turns are archived (durably), False when another writer moved on."""
@@ -300,9 +298,11 @@ class GroupCommit:
     async def _read_batch(
         self, conn: AsyncConnection, requests: list[StateRequest]
     ) -> list[ArchiveState]:
+        heads = [head_digests(r.head) if r.head is not None else (None, None) for r in requests]
         params = {
             "session_ids": [r.session_id for r in requests],
-            "head_shas": [r.head_sha for r in requests],
+            "head_shas": [as_json for as_json, _ in heads],
+            "head_raws": [exact for _, exact in heads],
             "hot_lens": [r.hot_len for r in requests],
         }
         rows = (await conn.execute(_READ_STATE, params)).all()
@@ -313,9 +313,7 @@ class GroupCommit:
 
     async def _read_alone(self, request: StateRequest) -> ArchiveState:
         async with self._engine.connect() as conn:
-            return await writer.read_state(
-                conn, request.session_id, request.head_sha, request.hot_len
-            )
+            return await writer.read_state(conn, request.session_id, request.head, request.hot_len)
 
     # --- archive writes ------------------------------------------------------------------
 
@@ -379,8 +377,9 @@ _READ_STATE = text(
     """
 WITH req AS (
     SELECT * FROM unnest(
-        CAST(:session_ids AS text[]), CAST(:head_shas AS bytea[]), CAST(:hot_lens AS bigint[])
-    ) WITH ORDINALITY AS r(session_id, head_sha, hot_len, i)
+        CAST(:session_ids AS text[]), CAST(:head_shas AS bytea[]), CAST(:head_raws AS bytea[]),
+        CAST(:hot_lens AS bigint[])
+    ) WITH ORDINALITY AS r(session_id, head_sha, head_raw, hot_len, i)
 )
 SELECT r.i, s.turn_count, s.redis_key, s.layout, s.app_name, s.user_id,
        h.through_seq, h.element_count, h.text AS head_text,
@@ -390,7 +389,7 @@ JOIN sessions s ON s.session_id = r.session_id
 LEFT JOIN LATERAL (
     SELECT m.through_seq, cardinality(m.elements) AS element_count, m.text
     FROM summaries m
-    WHERE m.session_id = r.session_id AND m.head_sha = r.head_sha
+    WHERE m.session_id = r.session_id AND m.head_sha IN (r.head_sha, r.head_raw)
     ORDER BY m.id DESC LIMIT 1
 ) h ON true
 LEFT JOIN LATERAL (
@@ -513,7 +512,7 @@ async def _insert_summaries(conn: AsyncConnection, requests: list[SummaryRequest
                 "through_seq": r.through_seq,
                 "text": r.summary.text,
                 "elements": list(r.elements),
-                "head_sha": digest(r.elements[0]),
+                "head_sha": head_digests(r.elements[0])[0],
                 "summarizer": r.summary.summarizer,
                 "model": r.summary.model,
                 "model_version": r.summary.model_version,

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from worker.archive.tables import gaps, quarantine, sessions, summaries, turns
-from worker.domain import SessionRef, SummaryText, Turn, digest
+from worker.domain import SessionRef, SummaryText, Turn, head_digests
 from worker.policy import HeadSummary
 
 
@@ -44,8 +44,10 @@ class ArchiveState:
 
 
 async def read_state(
-    conn: AsyncConnection, session_id: str, head_sha: bytes | None, hot_len: int
+    conn: AsyncConnection, session_id: str, head: bytes | None, hot_len: int
 ) -> ArchiveState:
+    """What the archive holds of a session, and which summary `head` (the hot state's first
+    element) is, if it is one of ours."""
     found = (
         await conn.execute(
             select(
@@ -62,7 +64,7 @@ async def read_state(
     count = found.turn_count
     origin = ArchivedFrom(found.redis_key, found.layout, found.app_name, found.user_id)
     head = None
-    if head_sha is not None:
+    if head is not None:
         row = (
             await conn.execute(
                 select(
@@ -70,7 +72,10 @@ async def read_state(
                     func.cardinality(summaries.c.elements),
                     summaries.c.text,
                 )
-                .where(summaries.c.session_id == session_id, summaries.c.head_sha == head_sha)
+                .where(
+                    summaries.c.session_id == session_id,
+                    summaries.c.head_sha.in_(head_digests(head)),
+                )
                 .order_by(summaries.c.id.desc())
                 .limit(1)
             )
@@ -183,7 +188,7 @@ async def record_summary(
             through_seq=through_seq,
             text=summary.text,
             elements=list(elements),
-            head_sha=digest(elements[0]),
+            head_sha=head_digests(elements[0])[0],
             summarizer=summary.summarizer,
             model=summary.model,
             model_version=summary.model_version,
