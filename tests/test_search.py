@@ -235,6 +235,9 @@ async def test_cli_terminal_output_and_usage_errors(
     assert shown.returncode == 0, shown.stderr
     assert f"{prefix}term" in shown.stdout
     assert "[bold]this[/bold]" in shown.stdout  # the turn's text is shown, never read as markup
+    assert "\\u0002" not in shown.stdout and "\\u0003" not in shown.stdout
+    colour = await cli(runtime.settings, "search", "escalate", "--user", user, FORCE_COLOR="1")
+    assert "\x1b[1;33mescalate\x1b[0m" in colour.stdout  # the match is highlighted
 
     nothing = await cli(runtime.settings, "search", "zyzzyvas", "--user", user)
     assert nothing.returncode == 0 and "no matches" in nothing.stderr

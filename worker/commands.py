@@ -468,13 +468,14 @@ def _print_hits(hits: list[SearchHit]) -> None:
 def _highlighted(snippet: str) -> Text:
     """The snippet with its matches styled; the turn's own text is never read as markup."""
     out = Text("  ")
-    for i, part in enumerate(printable(snippet.replace("\n", " ")).split(_MARK_ON)):
+    # Split on the marks first: printable() would show them as escapes like any control.
+    for i, part in enumerate(snippet.replace("\n", " ").split(_MARK_ON)):
         word, sep, rest = part.partition(_MARK_OFF)
         if i and sep:
-            out.append(word, style="bold yellow")
-            out.append(rest)
+            out.append(printable(word), style="bold yellow")
+            out.append(printable(rest.replace(_MARK_OFF, "")))
         else:
-            out.append(part.replace(_MARK_OFF, ""))
+            out.append(printable(part.replace(_MARK_OFF, "")))
     return out
 
 
