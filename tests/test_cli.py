@@ -207,6 +207,10 @@ async def test_usage_and_configuration_errors_exit_2(
     settings = make_settings()
     no_target = await cli(settings, "flush")
     assert no_target.returncode == 2 and "name session ids" in no_target.stderr
+    for args in (["history", "a\udcff"], ["forget", "--user", "u\udcff"], ["search", "x\udcff"]):
+        undecodable = await cli(settings, *args)  # what Python makes of the bytes b"a\xff"
+        assert undecodable.returncode == 2, (args, undecodable.stderr)
+        assert "is not valid UTF-8" in undecodable.stderr and "Traceback" not in undecodable.stderr
     empty_glob = await cli(settings, "flush", "--match", "")
     assert empty_glob.returncode == 2 and "matches no session id" in empty_glob.stderr
     bad_layout = await cli(settings, "stats", CONSOLIDATOR_LAYOUT="nonsense")

@@ -307,4 +307,19 @@ def print_json(obj: object) -> None:
 
 def main() -> None:
     tune_gc()
+    for arg in sys.argv[1:]:
+        # Python hands undecodable bytes over as lone surrogates, which no server accepts: an
+        # id or a query must be refused here, not fail as a driver's traceback.
+        if not _is_utf8(arg):
+            raw = arg.encode("utf-8", "surrogateescape")
+            print(f"consolidator: argument {raw!r} is not valid UTF-8", file=sys.stderr)
+            raise SystemExit(2)
     app()
+
+
+def _is_utf8(arg: str) -> bool:
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
