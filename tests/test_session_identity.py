@@ -13,7 +13,9 @@ import asyncpg
 from redis.asyncio import Redis
 
 from tests import agents
+from tests.archive_helpers import cli
 from tests.layout_helpers import archived, list_of, ref_of
+from worker.archive.erase import forget_user
 from worker.config import Settings
 from worker.runtime import open_runtime
 from worker.summarizers.extractive import ExtractiveSummarizer
@@ -108,3 +110,31 @@ async def test_a_conversation_whose_key_moved_carries_on(
     assert outcome.status == "consolidated", outcome
     assert await archived(pg, sid) == first + later
     assert await pg.fetchval("SELECT redis_key FROM sessions WHERE session_id = $1", sid) == new_key
+
+
+async def test_erasing_one_of_two_users_with_one_session_id_spares_the_other(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    settings = make_settings(key_pattern=prefix + "{app}:{user}:{id}")
+    sid = new_id()
+    alice, bob = (f"{prefix}shop:{who}:{sid}" for who in ("alice", "bob"))
+    written = await talk(redis, alice, "ALICE")
+    await talk(redis, bob, "BOB")
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        assert (await rt.pipeline.consolidate(ref_of(rt, alice))).status == "consolidated"
+        assert (await rt.pipeline.consolidate(ref_of(rt, bob))).status == "quarantined"
+
+        ambiguous = await cli(settings, "forget", sid)
+        assert ambiguous.returncode == 2 and "add --user" in ambiguous.stderr, ambiguous.stderr
+        assert await redis.exists(alice, bob) == 2
+
+        # Bob's key carries the id of Alice's archived session: only Bob's own things go.
+        await forget_user(rt.redis, rt.engine, settings, "bob")
+        assert not await redis.exists(bob) and await redis.exists(alice)
+        assert await archived(pg, sid) == written
+        assert not await pg.fetchval("SELECT count(*) FROM quarantine WHERE redis_key = $1", bob)
+
+    hers = await cli(settings, "forget", sid, "--user", "alice")
+    assert hers.returncode == 0, hers.stderr
+    assert not await redis.exists(alice)
+    assert not await pg.fetchval("SELECT count(*) FROM turns WHERE session_id = $1", sid)

@@ -260,15 +260,16 @@ def restore(
 def forget(
     session_id: Annotated[str | None, typer.Argument(help="The session id.")] = None,
     user: Annotated[
-        str | None, typer.Option("--user", help="Every session of this user instead.")
+        str | None,
+        typer.Option("--user", help="Every session of this user; with an id, this user's one."),
     ] = None,
 ) -> None:
     """Erase a session (or a user's sessions) from Redis and the archive, leaving an audit row."""
     from worker.commands import forget_main
 
-    if (session_id is None) == (user is None):
-        _usage_error("forget: name a session id, or --user ID (not both)")
-    if not (session_id or user or "").strip():
+    if session_id is None and user is None:
+        _usage_error("forget: name a session id, --user ID, or both")
+    if any(given is not None and not given.strip() for given in (session_id, user)):
         _usage_error("forget: the session or user id is empty")
     settings = _settings()
     raise typer.Exit(_run(lambda: forget_main(settings, session_id=session_id, user_id=user)))

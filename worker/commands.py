@@ -519,7 +519,7 @@ async def restore_main(
 
 
 async def forget_main(settings: Settings, *, session_id: str | None, user_id: str | None) -> int:
-    from worker.archive.erase import forget_session, forget_user
+    from worker.archive.erase import AmbiguousSession, forget_session, forget_user
     from worker.hot.exclusive import LeaseBusy
 
     async with _archive_clients(settings) as clients:
@@ -527,15 +527,20 @@ async def forget_main(settings: Settings, *, session_id: str | None, user_id: st
             return 2
         redis, engine = clients
         try:
-            if user_id is not None:
+            if session_id is None:
+                assert user_id is not None
                 counts = await forget_user(redis, engine, settings, user_id)
             else:
-                assert session_id is not None
-                counts = await forget_session(redis, engine, settings, session_id)
+                counts = await forget_session(redis, engine, settings, session_id, user_id)
+        except AmbiguousSession as exc:
+            print(f"consolidator: forget: {exc}", file=sys.stderr)
+            return 2
         except LeaseBusy as exc:
             print(f"consolidator: forget: {exc}", file=sys.stderr)
             return 1
-    subject = f"user {user_id}" if user_id is not None else f"session {session_id}"
+    subject = f"session {session_id}" if session_id is not None else f"user {user_id}"
+    if session_id is not None and user_id is not None:
+        subject += f" of user {user_id}"
     print(
         f"erased {subject}: {counts.sessions} sessions, {counts.turns} turns, "
         f"{counts.summaries} summaries, {counts.gaps} gaps, {counts.quarantine} quarantine "

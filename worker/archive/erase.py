@@ -26,6 +26,10 @@ from worker.hot.scanner import scan_keys
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
+class AmbiguousSession(ValueError):
+    """One session id is held by the keys of several users: whose is to be erased?"""
+
+
 @dataclass(frozen=True, slots=True)
 class ErasureCounts:
     sessions: int = 0
@@ -45,20 +49,39 @@ def subject_digest(subject_id: str) -> str:
 
 
 async def forget_session(
-    redis: Redis, engine: AsyncEngine, settings: Settings, session_id: str
+    redis: Redis,
+    engine: AsyncEngine,
+    settings: Settings,
+    session_id: str,
+    user_id: str | None = None,
 ) -> ErasureCounts:
-    """Erase one session everywhere. Idempotent: a second run deletes nothing, audits again."""
+    """Erase one session everywhere; with `user_id`, that user's session of this id only.
+    Idempotent: a second run deletes nothing, audits again.
+
+    Where the key names the user (ADK's), two users may have chosen one id: their
+    conversations are different sessions, so an id alone held by both is refused
+    (AmbiguousSession) rather than both erased."""
     pattern = KeyPattern.compile(settings.pattern)
     async with engine.connect() as conn:
-        refs = await _archived_refs(conn, sessions.c.session_id == session_id)
+        archived = await _archived_refs(conn, sessions.c.session_id == session_id)
     if "{app}" in settings.pattern or "{user}" in settings.pattern:
         # The key has parts the id alone does not give (ADK's app and user): look for it.
         by_id = KeyPattern.compile(settings.pattern, id_glob=_GLOB_SPECIAL.sub(r"\\\1", session_id))
+        hot: list[SessionRef] = []
         async for batch in scan_keys(redis, by_id, settings.scan_count):
-            refs += [ref for ref in batch if ref.session_id == session_id]
+            hot += [ref for ref in batch if ref.session_id == session_id]
     else:
-        refs.append(SessionRef(session_id, pattern.key_for(session_id)))
-    return await _forget(redis, engine, settings, "session", session_id, refs, user_id=None)
+        hot = [SessionRef(session_id, pattern.key_for(session_id))]
+    if user_id is not None:
+        hot = [ref for ref in hot if ref.user in (None, user_id)]
+    elif len({ref.user for ref in archived + hot if ref.user is not None}) > 1:
+        keys = sorted({ref.key for ref in archived + hot})
+        raise AmbiguousSession(
+            f"session {session_id!r} belongs to more than one user ({', '.join(keys)}); "
+            "add --user to say whose"
+        )
+    refs = _owned_by(archived, user_id) + hot
+    return await _forget(redis, engine, settings, "session", session_id, refs, owner=user_id)
 
 
 async def forget_user(
@@ -69,7 +92,15 @@ async def forget_user(
     async with engine.connect() as conn:
         refs = await _archived_refs(conn, sessions.c.user_id == user_id)
     refs += await _hot_refs_of_user(redis, settings, user_id)
-    return await _forget(redis, engine, settings, "user", user_id, refs, user_id=user_id)
+    return await _forget(
+        redis, engine, settings, "user", user_id, refs, owner=user_id, every_session=True
+    )
+
+
+def _owned_by(refs: list[SessionRef], owner: str | None) -> list[SessionRef]:
+    """The archived sessions an erasure for `owner` may touch: its own and those that name no
+    user; never another user's that happens to share a session id."""
+    return [ref for ref in refs if owner is None or ref.user in (None, owner)]
 
 
 async def _forget(
@@ -79,7 +110,8 @@ async def _forget(
     kind: str,
     subject: str,
     refs: list[SessionRef],
-    user_id: str | None,
+    owner: str | None,
+    every_session: bool = False,
 ) -> ErasureCounts:
     pattern = KeyPattern.compile(settings.pattern)
     session_keys = {ref.key for ref in refs}
@@ -96,7 +128,9 @@ async def _forget(
         for key in sorted(hot_keys):
             deleted += int(await redis.delete(key))
         async with engine.begin() as conn:
-            counts = await _erase_archive(conn, ids, sorted(session_keys), user_id, deleted)
+            counts = await _erase_archive(
+                conn, ids, sorted(session_keys), owner, every_session, deleted
+            )
             await conn.execute(
                 insert(erasures).values(
                     subject_kind=kind,
@@ -116,16 +150,30 @@ async def _erase_archive(
     conn: AsyncConnection,
     ids: list[str],
     keys: list[str],
-    user_id: str | None,
+    owner: str | None,
+    every_session: bool,
     hot_keys_deleted: int,
 ) -> ErasureCounts:
-    if user_id is not None:
+    if every_session:
         # Sessions archived for the user since the keys were gathered go too (their hot keys
         # were not known then: a second run deletes those).
         rows = await conn.execute(
-            select(sessions.c.session_id).where(sessions.c.user_id == user_id).with_for_update()
+            select(sessions.c.session_id).where(sessions.c.user_id == owner).with_for_update()
         )
         ids = sorted({*ids, *rows.scalars()})
+    if owner is not None:
+        # A hot key of the user's may carry the id of another user's archived session (two ADK
+        # users, one id: the second is quarantined): that archive is not the user's to erase.
+        others = await conn.execute(
+            select(sessions.c.session_id)
+            .where(
+                sessions.c.session_id.in_(ids),
+                sessions.c.user_id.is_not(None),
+                sessions.c.user_id != owner,
+            )
+            .with_for_update()
+        )
+        ids = sorted(set(ids) - set(others.scalars()))
 
     async def count(stmt: Executable) -> int:
         return int((await conn.execute(stmt)).rowcount)
