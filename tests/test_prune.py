@@ -105,6 +105,28 @@ async def test_prune_forgets_idle_sessions_and_folded_old_turns_only(
     assert (await rt.pipeline.consolidate(active)).turns_archived == 0
 
 
+async def test_turns_no_summary_folded_are_kept_however_old(
+    runtime: Runtime, redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    rt = runtime
+    # Three turns archived only (too few to fold), then the key expired and came back: the
+    # summary made after the gap folds the new turns alone, not these.
+    gone, before = await session(rt, redis, f"{prefix}gap", 3)
+    await redis.delete(gone.key)
+    await agents.conversation(redis, gone.key, 10, start=3)
+    after = await rt.pipeline.consolidate(gone)
+    assert after.gap and after.turns_folded == 6, after  # #3-#8 folded, #9-#12 verbatim
+    await make_old(pg, gone.session_id, through_seq=99)
+
+    await prune(rt.engine, timedelta(days=90))
+
+    assert await seqs(pg, gone.session_id) == [0, 1, 2, 9, 10, 11, 12]
+    raws = await pg.fetch(
+        "SELECT raw FROM turns WHERE session_id = $1 AND seq < 3 ORDER BY seq", gone.session_id
+    )
+    assert [bytes(r["raw"]) for r in raws] == before
+
+
 async def test_only_one_pruner_at_a_time(runtime: Runtime, pg: asyncpg.Connection) -> None:
     await pg.execute("SELECT pg_advisory_lock(7312006)")
     try:

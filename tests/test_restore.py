@@ -212,6 +212,10 @@ async def test_restore_refuses_live_state_unless_forced(
     assert (await runtime.pipeline.consolidate(ref)).turns_archived == 0
     assert len(await archived(pg, "r-live")) == 10
 
+    summary_only = await cli(runtime.settings, "restore", "r-live", "--force", "--turns", "0")
+    assert summary_only.returncode == 0, summary_only.stderr
+    assert "note: 4 archived turns lie after the summary" in summary_only.stderr
+
 
 async def test_restore_without_a_summary_puts_back_the_last_turns(
     runtime: Runtime, redis: Redis, pg: asyncpg.Connection

@@ -510,9 +510,10 @@ async def restore_main(
     print(f"restored {session_id} into {result.key}: {' + '.join(parts)}; TTL {result.ttl_s}s")
     if result.left_out:
         before = "the summary" if result.summary_through is not None else "the start"
+        where = f"between {before} and the restored turns" if result.turns else f"after {before}"
         print(
-            f"note: {result.left_out} archived turns lie between {before} and the restored "
-            "turns and are not in Redis; restore without --turns to include them",
+            f"note: {result.left_out} archived turns lie {where} and are not in Redis; "
+            "restore without --turns to include them",
             file=sys.stderr,
         )
     return 0

@@ -171,7 +171,7 @@ class Pipeline:
         summary_id = await self.archive.record_summary(
             SummaryRequest(
                 ref.session_id,
-                from_seq=0,
+                from_seq=first_seq,  # the turns it folds; earlier ones through the previous
                 through_seq=through_seq,
                 summary=summary,
                 elements=elements,

@@ -61,6 +61,7 @@ class _Archived:
     layout: str
     metadata: dict[str, Any]
     summary_text: str | None
+    summary_from: int  # the turns it folded itself (earlier ones through its predecessors)
     summary_through: int
     summary_model: str | None
     turns: list[tuple[int, bytes]]
@@ -207,7 +208,9 @@ async def _read_archive(conn: AsyncConnection, session_id: str, n: int | None) -
         return None
     latest = (
         await conn.execute(
-            select(summaries.c.text, summaries.c.through_seq, summaries.c.model)
+            select(
+                summaries.c.text, summaries.c.from_seq, summaries.c.through_seq, summaries.c.model
+            )
             .where(summaries.c.session_id == session_id, summaries.c.applied == 1)
             .order_by(summaries.c.through_seq.desc(), summaries.c.id.desc())
             .limit(1)
@@ -226,14 +229,12 @@ async def _read_archive(conn: AsyncConnection, session_id: str, n: int | None) -
     chosen = [(int(seq), bytes(raw)) for seq, raw in reversed(recent)]
     first = chosen[0][0] if chosen else None
     left_out = 0
-    if first is not None and first > through + 1:
-        left_out = (
-            await conn.execute(
-                select(func.count()).where(
-                    turns.c.session_id == session_id, turns.c.seq > through, turns.c.seq < first
-                )
-            )
-        ).scalar_one()
+    if first is None or first > through + 1:
+        # Turns after the summary that are not put back (all of them with --turns 0).
+        left = [turns.c.session_id == session_id, turns.c.seq > through]
+        if first is not None:
+            left.append(turns.c.seq < first)
+        left_out = (await conn.execute(select(func.count()).where(*left))).scalar_one()
     samples = (
         await conn.execute(
             select(turns.c.raw)
@@ -248,6 +249,7 @@ async def _read_archive(conn: AsyncConnection, session_id: str, n: int | None) -
         row.layout,
         dict(row.metadata or {}),
         latest.text if latest is not None else None,
+        latest.from_seq if latest is not None else 0,
         through,
         latest.model if latest is not None else None,
         chosen,
@@ -272,7 +274,7 @@ async def _record_summary(
         return await writer.record_summary(
             conn,
             found.ref.session_id,
-            from_seq=0,
+            from_seq=found.summary_from,
             through_seq=found.summary_through,
             summary=SummaryText(
                 found.summary_text, summarizer=RESTORE_SUMMARIZER, model=found.summary_model

@@ -5,9 +5,11 @@ Two rules, both safe for sessions that are still alive:
 1. A session with no activity for longer than the retention (`sessions.last_seen`) goes
    entirely: turns, summaries, gaps, quarantine records and the session row.
 2. In the sessions that remain, turns archived before the cutoff go once a summary written to
-   Redis covers them (they are no longer in the hot state, and the summary carries their
+   Redis folded them (they are no longer in the hot state, and the summary carries their
    meaning), as do summaries before the cutoff that a later applied one supersedes. The turns
-   still verbatim in Redis and the latest summary stay: alignment and `restore` need them.
+   still verbatim in Redis and the latest summary stay: alignment and `restore` need them. So
+   do turns no summary folded: those before a gap that were only archived, and those a marker
+   ("N earlier turns archived") stands for, which carries nothing of what they said.
 
 Turns are found by age through the (archived_at, session_id, seq) index, walked as a keyset, so
 each run reads every old turn at most once, however many of them must stay. Only one replica
@@ -25,6 +27,7 @@ from sqlalchemy import Executable, Select, and_, delete, func, select, text, tup
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.archive.tables import gaps, quarantine, sessions, summaries, turns
+from worker.config import OnSummaryFailure
 
 log = structlog.get_logger(__name__)
 
@@ -133,18 +136,23 @@ def old_turns_page(cutoff: datetime, after: _Key | None, batch: int) -> Select[A
 
 
 def delete_folded(cutoff: datetime, after: _Key | None, through: _Key) -> Executable:
-    """Delete, within one page's key range, the turns an applied summary covers. The range is
+    """Delete, within one page's key range, the turns an applied summary folded. The range is
     an index range scan; no list of keys to send back."""
     key = tuple_(turns.c.archived_at, turns.c.session_id, turns.c.seq)
-    folded_through = (
-        select(func.max(summaries.c.through_seq))
-        .where(summaries.c.session_id == turns.c.session_id, summaries.c.applied == 1)
-        .scalar_subquery()
+    folded = (
+        select(summaries.c.id)
+        .where(
+            summaries.c.session_id == turns.c.session_id,
+            summaries.c.applied == 1,
+            summaries.c.summarizer != OnSummaryFailure.MARKER.value,
+            turns.c.seq.between(summaries.c.from_seq, summaries.c.through_seq),
+        )
+        .exists()
     )
     conditions = [turns.c.archived_at < cutoff, key <= tuple_(*through)]
     if after is not None:
         conditions.append(key > tuple_(*after))
-    return delete(turns).where(*conditions, turns.c.seq <= folded_through)
+    return delete(turns).where(*conditions, folded)
 
 
 async def _prune_folded_turns(conn: AsyncConnection, cutoff: datetime, batch: int) -> PruneResult:
