@@ -208,7 +208,10 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 class Daemon:
     """One `consolidator run` replica; its log (every run of it) in `log_path`."""
 
-    def __init__(self, name: str, env: Mapping[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, env: Mapping[str, str], log_dir: Path, args: Sequence[str] = ()
+    ) -> None:
+        self.args = list(args)
         self.name = name
         self.env = dict(env)
         self.log_path = log_dir / f"{name}.log"
@@ -233,7 +236,7 @@ class Daemon:
         self._log = self.log_path.open("ab")
         self._offset = self._log.tell()
         self.proc = subprocess.Popen(
-            [consolidator_bin(), "run"],
+            [consolidator_bin(), "run", *self.args],
             env=self.env,
             cwd=REPO,
             stdin=subprocess.DEVNULL,

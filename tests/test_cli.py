@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pty
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 
+import aiohttp
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from tests import agents
@@ -316,10 +322,13 @@ async def test_a_server_away_is_one_line_and_exit_1_not_a_traceback(
 async def test_the_daemon_waits_for_its_database_and_a_hangup_stops_it_cleanly(
     make_settings: Callable[..., Settings],
 ) -> None:
-    # A sidecar may start before PostgreSQL: it waits with backoff instead of crash-looping.
+    # A sidecar may start before PostgreSQL: it waits with backoff instead of crash-looping,
+    # alive for its liveness probe and not ready.
+    port = free_port()
     env = env_for(
         make_settings(),
         CONSOLIDATOR_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+        CONSOLIDATOR_METRICS_PORT=str(port),
     )
     proc = await asyncio.create_subprocess_exec(
         *CLI, "run", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -330,10 +339,24 @@ async def test_the_daemon_waits_for_its_database_and_a_hangup_stops_it_cleanly(
         line = await asyncio.wait_for(proc.stderr.readline(), 20)
         assert line, events
         events.append(json.loads(line)["event"])
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        for path, status in (("/healthz", 200), ("/readyz", 503)):
+            async with http.get(path) as answer:
+                assert answer.status == status, path
     proc.send_signal(signal.SIGHUP)
     _, err = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b"Traceback" not in err
+
+
+async def test_a_metrics_port_already_taken_is_one_line_and_exit_2(
+    make_settings: Callable[..., Settings],
+) -> None:
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = await cli(make_settings(), "run", CONSOLIDATOR_METRICS_PORT=str(port))
+    assert done.returncode == 2, done.stderr
+    assert f"consolidator: metrics port {port}:" in done.stderr and "Traceback" not in done.stderr
 
 
 async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current(
@@ -378,23 +401,61 @@ async def test_sigterm_drains_and_exits_0_within_the_grace_period(
     assert counts and all(n == 8 for n in counts)
 
 
-async def test_one_ctrl_c_stops_a_paced_flush_at_once_and_leaves_no_lease(
-    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+@pytest.mark.parametrize(
+    ("sig", "code", "says"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+)
+async def test_one_ctrl_c_or_sigterm_stops_a_paced_flush_at_once_and_leaves_no_lease(
+    make_settings: Callable[..., Settings],
+    redis: Redis,
+    pg: asyncpg.Connection,
+    prefix: str,
+    sig: signal.Signals,
+    code: int,
+    says: str,
 ) -> None:
     settings = make_settings()
     for i in range(30):
         await agents.conversation(redis, settings.pattern.replace("{id}", f"{prefix}c{i}"), 8)
     env = env_for(settings, CONSOLIDATOR_MAX_SESSIONS_PER_S="4")  # 30 sessions: 7 s or more
     proc = await _running_once_archiving(pg, prefix, 3, env, "flush", "--all")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     sent = time.monotonic()
     _, err_bytes = await asyncio.wait_for(proc.communicate(), 20)
     assert time.monotonic() - sent < 3, err_bytes.decode()[-2000:]
-    assert proc.returncode == 130
-    assert "consolidator: interrupted" in err_bytes.decode()
+    assert proc.returncode == code
+    assert f"consolidator: {says}" in err_bytes.decode()
     assert not [k async for k in redis.scan_iter(match=f"consolidator:lease:*{prefix}*")]
     counts = await _archived_turns(pg, prefix)
     assert 3 <= len(counts) < 30 and all(n == 8 for n in counts)
+
+
+async def test_the_progress_bar_of_flush_moves_as_sessions_finish(
+    make_settings: Callable[..., Settings], redis: Redis, prefix: str
+) -> None:
+    settings = make_settings()
+    for i in range(20):
+        await agents.conversation(redis, settings.pattern.replace("{id}", f"{prefix}p{i}"), 4)
+    env = env_for(settings, CONSOLIDATOR_MAX_SESSIONS_PER_S="10", CONSOLIDATOR_LOG_LEVEL="error")
+    glob = f"{prefix}p*"
+    controller, terminal = pty.openpty()  # stderr on a terminal: the bar is drawn
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "flush", "--match", glob, env=env, stdout=subprocess.PIPE, stderr=terminal
+    )
+    os.close(terminal)
+    screen = await asyncio.to_thread(_read_all, controller)
+    assert await proc.wait() == 0, screen[-2000:]
+    shown = {int(n) for n in re.findall(rb"(\d+)/20", screen)}
+    assert 20 in shown and len(shown - {0, 20}) >= 3, shown  # not 0/20 until it jumps to 20/20
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the other side is closed
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
 
 
 async def _running_once_archiving(

@@ -44,11 +44,16 @@ CONCURRENCY = 6
 
 
 @pytest.mark.parametrize(
-    ("case", "model_delay_s", "grace_s"),
-    [("in-flight sessions finish", 1.0, 6.0), ("in-flight sessions abandoned", 30.0, 1.0)],
+    ("case", "model_delay_s", "grace_s", "args"),
+    [
+        ("in-flight sessions finish", 1.0, 6.0, ()),
+        ("in-flight sessions abandoned", 30.0, 1.0, ()),
+        # A one-shot pass (a cron job) keeps the same grace, not its slowest model call's.
+        ("run --once, in-flight sessions abandoned", 30.0, 1.0, ("--once",)),
+    ],
 )
 async def test_sigterm_during_heavy_work(
-    tmp_path: Path, case: str, model_delay_s: float, grace_s: float
+    tmp_path: Path, case: str, model_delay_s: float, grace_s: float, args: tuple[str, ...]
 ) -> None:
     prefix = f"term{uuid.uuid4().hex[:8]}:"
     redis = Redis.from_url(REDIS_URL)
@@ -71,7 +76,7 @@ async def test_sigterm_during_heavy_work(
             GEMINI_API_KEY="local-test-key",
             GOOGLE_GEMINI_BASE_URL=model.base_url,
         )
-        daemon = Daemon("daemon", env, tmp_path)
+        daemon = Daemon("daemon", env, tmp_path, args)
         try:
             written = {
                 f"s{i:02d}": await agents.conversation(redis, key_for(prefix, f"s{i:02d}"), 12)

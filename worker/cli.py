@@ -55,12 +55,31 @@ def _usage_error(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+def _run(coro_fn: Callable[[], Awaitable[T]], *, cancel_on_sigterm: bool = True) -> T:
+    terminated = asyncio.Event()
+
     async def main() -> T:
+        if cancel_on_sigterm:
+            # SIGTERM (a supervisor, `kill`) stops a one-shot command as Ctrl-C does: its work
+            # is cancelled, which gives its leases back, instead of dying with them held.
+            task, loop = asyncio.current_task(), asyncio.get_running_loop()
+            assert task is not None
+
+            def on_sigterm() -> None:
+                terminated.set()
+                task.cancel()
+
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         return await coro_fn()
 
     try:
         return asyncio.run(main())
+    except asyncio.CancelledError:
+        if not terminated.is_set():
+            raise
+        print("consolidator: terminated", file=sys.stderr)
+        raise typer.Exit(128 + signal.SIGTERM) from None
     except (PatternError, SummarizerConfigError, UnknownLayout) as exc:
         _usage_error(str(exc))
         raise  # unreachable: _usage_error exits
@@ -86,7 +105,10 @@ def run(
     from worker.commands import daemon_main
 
     settings = _settings()
-    code = _run(lambda: daemon_main(settings, once=once, install_signals=_install_signals))
+    code = _run(
+        lambda: daemon_main(settings, once=once, install_signals=_install_signals),
+        cancel_on_sigterm=False,  # the daemon drains on SIGTERM, within its grace period
+    )
     raise typer.Exit(code)
 
 

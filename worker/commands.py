@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import shlex
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import orjson
 import structlog
@@ -37,7 +38,10 @@ from worker.summarizers.base import Summarizer
 from worker.terminal import INDENT, printable
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 FAILED = ("failed", "quarantined", "conflict", "skipped")
+_RETRIED = ("conflict", "skipped")  # transient: a flush tries them again, briefly
 
 
 def _out(obj: object) -> None:
@@ -75,53 +79,66 @@ async def _database_answers(rt: Runtime, stop: asyncio.Event) -> bool:
 async def daemon_main(
     settings: Settings, *, once: bool, install_signals: Callable[[asyncio.Event], None]
 ) -> int:
-    async with open_runtime(settings) as rt:
+    async with open_runtime(settings) as rt, contextlib.AsyncExitStack() as stack:
         stop = asyncio.Event()
         install_signals(stop)
+        if settings.metrics_port is not None:
+            # First: a liveness probe must find the daemon alive while it waits for its
+            # database (/readyz says 503 meanwhile), or it would be restarted over and over.
+            from worker.http import MetricsPortUnavailable, serve_metrics
+
+            try:
+                await stack.enter_async_context(serve_metrics(rt, settings.metrics_port))
+            except MetricsPortUnavailable as exc:
+                print(f"consolidator: {exc}", file=sys.stderr)
+                return 2
         if not once and not await _database_answers(rt, stop):
             return 0  # stopped while waiting for it
         if not await _require_schema(rt):
             return 2
-        async with contextlib.AsyncExitStack() as stack:
-            if settings.metrics_port is not None:
-                from worker.http import serve_metrics
-
-                await stack.enter_async_context(serve_metrics(rt, settings.metrics_port))
-            log.info(
-                "daemon_started",
-                layout=settings.layout.value,
-                pattern=settings.pattern,
-                summarizer=rt.pipeline.summarizer.name,
-                concurrency=settings.concurrency,
-            )
-            if once:
-                outcomes = await rt.daemon.run_once(stop)
-                return 1 if any(o.status == "failed" for o in outcomes) else 0
-            return await _run_until_stopped(rt, stop)
-    return 0
+        log.info(
+            "daemon_started",
+            layout=settings.layout.value,
+            pattern=settings.pattern,
+            summarizer=rt.pipeline.summarizer.name,
+            concurrency=settings.concurrency,
+        )
+        if once:
+            outcomes = await _drained(rt, stop, rt.daemon.run_once(stop)) or []
+            log.info("daemon_stopped")
+            return 1 if any(o.status == "failed" for o in outcomes) else 0
+        return await _run_until_stopped(rt, stop)
 
 
 async def _run_until_stopped(rt: Runtime, stop: asyncio.Event) -> int:
-    loop_task = asyncio.create_task(rt.daemon.run_forever(stop), name="daemon")
-    stop_task = asyncio.create_task(stop.wait(), name="stop")
-    await asyncio.wait({loop_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    stop_task.cancel()
-    if not loop_task.done():
-        log.info("draining", grace_s=rt.settings.drain_grace_s)
-        try:
-            await asyncio.wait_for(asyncio.shield(loop_task), rt.settings.drain_grace_s)
-        except TimeoutError:
-            # Past the grace period in-flight sessions are abandoned: their leases are released
-            # on the way out, and the archive-first order means nothing is lost.
-            log.warning("drain_timeout", grace_s=rt.settings.drain_grace_s)
-            loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop_task
-    elif loop_task.exception() is not None:
-        log.error("daemon_crashed", error=repr(loop_task.exception()))
+    try:
+        await _drained(rt, stop, rt.daemon.run_forever(stop))
+    except Exception as exc:
+        log.error("daemon_crashed", error=repr(exc))
         return 1
     log.info("daemon_stopped")
     return 0
+
+
+async def _drained(rt: Runtime, stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """The work's result; on stop it is given the drain grace to finish its sessions in
+    flight, and past it cancelled (None): their leases are released on the way out, and the
+    archive-first order means nothing is lost."""
+    work_task = asyncio.ensure_future(work)
+    stop_task = asyncio.create_task(stop.wait(), name="stop")
+    await asyncio.wait({work_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    stop_task.cancel()
+    if not work_task.done():
+        log.info("draining", grace_s=rt.settings.drain_grace_s)
+        try:
+            return await asyncio.wait_for(asyncio.shield(work_task), rt.settings.drain_grace_s)
+        except TimeoutError:
+            log.warning("drain_timeout", grace_s=rt.settings.drain_grace_s)
+            work_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work_task
+            return None
+    return work_task.result()
 
 
 async def _chosen_refs(
@@ -205,17 +222,22 @@ async def _flush_with_retries(
     final: dict[str, tuple[SessionRef, Outcome]] = {}
     pending = refs
     for attempt in range(attempts):
-        done = await rt.daemon.process(((ref, None, None) for ref in pending), options=options)
+        last = attempt + 1 == attempts
+
+        def settled(outcome: Outcome, last: bool = last) -> None:
+            if last or outcome.status not in _RETRIED:
+                advance(1)  # as each session finishes, not when the whole batch has
+
+        items = ((ref, None, None) for ref in pending)
+        done = await rt.daemon.process(items, options=options, on_outcome=settled)
         retry = []
         for ref, outcome in done:
             if (earlier := final.get(ref.key)) is not None:
                 archived = earlier[1].turns_archived + outcome.turns_archived
                 outcome = replace(outcome, turns_archived=archived)
             final[ref.key] = (ref, outcome)
-            if outcome.status in ("conflict", "skipped") and attempt + 1 < attempts:
+            if outcome.status in _RETRIED and not last:
                 retry.append(ref)
-            else:
-                advance(1)
         if not retry:
             break
         pending = retry

@@ -46,6 +46,10 @@ def make_app(rt: Runtime) -> web.Application:
     return app
 
 
+class MetricsPortUnavailable(RuntimeError):
+    """The metrics port cannot be listened on (taken, or not allowed)."""
+
+
 @contextlib.asynccontextmanager
 async def serve_metrics(rt: Runtime, port: int, host: str = "0.0.0.0") -> AsyncIterator[int]:
     """Serve the sidecar's endpoints while the block runs; yields the port (port 0: the one the
@@ -53,7 +57,11 @@ async def serve_metrics(rt: Runtime, port: int, host: str = "0.0.0.0") -> AsyncI
     runner = web.AppRunner(make_app(rt), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise MetricsPortUnavailable(f"metrics port {port}: {exc.strerror or exc}") from exc
     try:
         yield int(runner.addresses[0][1]) if runner.addresses else port
     finally:
