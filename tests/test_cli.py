@@ -113,6 +113,8 @@ async def test_flush_match_and_all_pick_sessions_by_id(
     rows = await pg.fetch("SELECT session_id FROM sessions WHERE session_id LIKE '%-%'")
     names = {r["session_id"] for r in rows}
     assert {"alpha-1", "alpha-2"} <= names and "beta-1" not in names
+    none = await cli(settings, "flush", "--match", "gamma-*")
+    assert none.returncode == 0 and none.stderr.endswith("0 sessions; 0 turns archived\n")
     everything = await cli(settings, "flush", "--all")
     assert everything.returncode == 0
     assert await pg.fetchval("SELECT count(*) FROM turns WHERE session_id='beta-1'") == 3

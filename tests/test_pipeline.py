@@ -61,7 +61,7 @@ async def test_second_pass_archives_only_new_turns_and_rolls_the_summary(
     assert ref is not None
     await runtime.pipeline.consolidate(ref)
     unchanged = await runtime.pipeline.consolidate(ref)
-    assert unchanged.turns_archived == 0 and unchanged.status == "archived"
+    assert unchanged.turns_archived == 0 and unchanged.status == "unchanged"
 
     second = await agents.conversation(redis, key, 6, start=10)
     outcome = await runtime.pipeline.consolidate(ref)

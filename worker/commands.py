@@ -201,10 +201,10 @@ async def flush_main(
     if missing:  # a mistyped id must not read as a success
         print(f"consolidator: no hot state for {', '.join(map(repr, missing))}", file=sys.stderr)
     done = "turns to archive" if dry_run else "turns archived"
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(totals.items()))
     print(
-        f"{len(outcomes)} sessions: "
-        + ", ".join(f"{n} {status}" for status, n in sorted(totals.items()))
-        + f"; {sum(o.turns_archived for o in outcomes)} {done}",
+        f"{len(outcomes)} sessions{': ' + statuses if statuses else ''}; "
+        f"{sum(o.turns_archived for o in outcomes)} {done}",
         file=sys.stderr,
     )
     return 1 if any(o.status in FAILED for o in outcomes) else 0

@@ -151,7 +151,9 @@ class Pipeline:
             return replace(archived, status="conflict", reason=f"evict: {swap.name.lower()}")
         cut = self._cut(verbatim)
         if not options.summarize or cut == 0:
-            return archived
+            # A session already lean and with nothing new is not "archived" once more on
+            # every restart: counts and alerts would climb for work that was not done.
+            return archived if new_turns else replace(archived, status="unchanged")
 
         # Seqs of the verbatim turns: after a gap the new ones continue the archive's count.
         first_seq = alignment.first_seq
