@@ -155,7 +155,11 @@ async def test_postgres_cut_mid_run_rewrites_nothing_and_resumes_by_itself(
             written = fleet.written()
             result = await audit(redis, pg, prefix, written)
             events = daemon.events()
-            failed_sessions = sum(1 for e in events if e.get("event") == "session_failed")
+            failed_sessions = sum(
+                1
+                for e in events
+                if e.get("event") == "session_consolidated" and e.get("status") == "failed"
+            )
             failed_passes = sum(1 for e in events if e.get("event") == "pass_failed")
             record(
                 Figures(

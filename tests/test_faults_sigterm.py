@@ -119,6 +119,7 @@ async def test_sigterm_during_heavy_work(
                     audited = await audit_session(redis, pg, prefix, s, {0: turns})
                     problems += audited.problems
             events = [e.get("event") for e in daemon.events()]
+            abandoned = sum(1 for e in daemon.events() if e.get("status") == "abandoned")
             counts = {state: list(states.values()).count(state) for state in set(states.values())}
             record(
                 Figures(
@@ -153,3 +154,5 @@ async def test_sigterm_during_heavy_work(
         assert "drain_timeout" in events
         assert counts.get("archived, untouched", 0) >= CONCURRENCY  # abandoned after archiving
         assert "consolidated" not in counts
+        # Each abandoned session still has its one line, saying so.
+        assert abandoned >= CONCURRENCY

@@ -209,20 +209,20 @@ class Daemon:
         self, ref: SessionRef, p: Probe | None, cand: Candidate | None, options: Options
     ) -> Outcome:
         self.metrics.in_flight.inc()
+        started = time.perf_counter()
         try:
             outcome = await self.pipeline.consolidate(ref, options)
         except _TRANSIENT as exc:
             # Redis or PostgreSQL went away mid-session: nothing was rewritten without a durable
             # archive, so the session is simply tried again on a later pass.
-            log.warning("session_failed", session_id=ref.session_id, error=repr(exc)[:300])
-            outcome = Outcome(ref.session_id, "failed", reason=type(exc).__name__)
-            self.metrics.sessions.labels(status="failed").inc()
+            failed = Outcome(ref.session_id, "failed", reason=type(exc).__name__)
+            outcome = self.pipeline.report(failed, started, error=repr(exc)[:300])
             await self._note_outage(exc)
         except Exception as exc:
             # A bug must not take the other sessions down with it; it is logged with its trace.
             log.exception("session_crashed", session_id=ref.session_id)
-            outcome = Outcome(ref.session_id, "failed", reason=repr(exc)[:300])
-            self.metrics.sessions.labels(status="failed").inc()
+            failed = Outcome(ref.session_id, "failed", reason=repr(exc)[:300])
+            outcome = self.pipeline.report(failed, started)
         finally:
             self.metrics.in_flight.dec()
         if p is not None and outcome.status not in ("failed", "conflict", "skipped"):

@@ -110,7 +110,8 @@ class Outcome:
     """What consolidating one session did: the canonical log line is made of this."""
 
     session_id: str
-    status: str  # consolidated | archived | unchanged | skipped | conflict | quarantined | failed
+    # consolidated | archived | unchanged | skipped | conflict | quarantined | failed | abandoned
+    status: str
     turns_archived: int = 0
     turns_folded: int = 0
     turns_kept: int = 0

@@ -7,6 +7,7 @@ compare-and-swap that leaves whatever the agent appended meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ from worker.policy import align, choose_cut, estimate_tokens
 from worker.summarizers.base import Summarizer, SummarizerUnavailable, SummaryRejected
 
 log = structlog.get_logger(__name__)
+_WORRYING = frozenset({"failed", "quarantined", "abandoned"})
 _MARKER = re.compile(r"^\d+ earlier turns archived\.$")
 NO_HOT_STATE = "no hot state"  # the reason given when a session's key is gone or empty
 
@@ -66,16 +68,27 @@ class Pipeline:
         started = time.perf_counter()
         ttl_ms = int(self.settings.lease_ttl_s * 1000)
         with structlog.contextvars.bound_contextvars(session_id=ref.session_id):
-            async with claim(self.redis, self.scripts, ref.key, ttl_ms) as lease:
-                if lease is None:
-                    outcome = Outcome(ref.session_id, "skipped", reason="leased elsewhere")
-                else:
-                    outcome = await self._consolidate(ref, lease, options)
-            outcome = replace(outcome, duration_ms=round((time.perf_counter() - started) * 1000, 2))
-            self.metrics.observe(outcome)
-            level = log.warning if outcome.status in ("failed", "quarantined") else log.info
-            level("session_consolidated", **_fields(outcome))
-            return outcome
+            try:
+                async with claim(self.redis, self.scripts, ref.key, ttl_ms) as lease:
+                    if lease is None:
+                        outcome = Outcome(ref.session_id, "skipped", reason="leased elsewhere")
+                    else:
+                        outcome = await self._consolidate(ref, lease, options)
+            except asyncio.CancelledError:
+                # Stopped past the drain grace: the archive-first order loses nothing, and the
+                # session still gets its line.
+                gone = Outcome(ref.session_id, "abandoned", reason="stopped before it finished")
+                self.report(gone, started)
+                raise
+            return self.report(outcome, started)
+
+    def report(self, outcome: Outcome, started: float, **extra: object) -> Outcome:
+        """The session's one canonical log line and its metrics, whatever came of it."""
+        outcome = replace(outcome, duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        self.metrics.observe(outcome)
+        level = log.warning if outcome.status in _WORRYING else log.info
+        level("session_consolidated", **_fields(outcome), **extra)
+        return outcome
 
     async def _consolidate(self, ref: SessionRef, lease: Lease, options: Options) -> Outcome:
         try:
