@@ -18,21 +18,30 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
+    exceptions: structlog.types.Processor = (
+        structlog.processors.format_exc_info if json else structlog.processors.StackInfoRenderer()
+    )
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.format_exc_info
-            if json
-            else structlog.processors.StackInfoRenderer(),
-            renderer,
-        ],
+        processors=[*shared, exceptions, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Libraries' stdlib logs go to stderr too, at warning and above.
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+    # Libraries' stdlib logs (aiohttp's server errors, say) at warning and above, rendered the
+    # same way: a plain-text line or traceback would break a JSON log stream.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                exceptions,
+                renderer,
+            ],
+        )
     )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
