@@ -41,3 +41,20 @@ def test_library_logs_and_their_tracebacks_are_json_lines_too(
     ]
     assert lines[1]["logger"] == "aiohttp.server"
     assert "ValueError: bad request line" in lines[1]["exception"]
+
+
+def test_tracebacks_on_a_terminal_show_no_local_variables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logs.configure("info", "console")
+
+    def connect(url: str = "postgresql://app:s3cret-pw@db/agents") -> None:
+        raise ConnectionError("refused")
+
+    try:
+        connect()
+    except ConnectionError:
+        structlog.get_logger("worker.test").exception("session_crashed")
+
+    shown = capsys.readouterr().err
+    assert "ConnectionError" in shown and "s3cret-pw" not in shown

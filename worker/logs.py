@@ -16,7 +16,13 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json
+        # No local variables in tracebacks: a frame's locals may hold a URL with its password
+        # or the model's API key.
+        else structlog.dev.ConsoleRenderer(
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+        )
     )
     exceptions: structlog.types.Processor = (
         structlog.processors.format_exc_info if json else structlog.processors.StackInfoRenderer()
