@@ -48,11 +48,11 @@ def test_tracebacks_on_a_terminal_show_no_local_variables(
 ) -> None:
     logs.configure("info", "console")
 
-    def connect(url: str = "postgresql://app:s3cret-pw@db/agents") -> None:
+    def connect(url: str) -> None:
         raise ConnectionError("refused")
 
     try:
-        connect()
+        connect("postgresql://app:" + "s3cret" + "-pw@db/agents")  # whole only as a local
     except ConnectionError:
         structlog.get_logger("worker.test").exception("session_crashed")
 
