@@ -118,3 +118,28 @@ async def test_an_unknown_role_is_quarantined_not_rewritten(
 
     assert outcome.status == "quarantined" and "narrator" in (outcome.reason or "")
     assert await list_of(redis, key) == elements
+
+
+async def test_list_and_llamaindex_sessions_under_each_others_layout_are_quarantined(
+    make_settings: Callable[..., Settings], redis: Redis, store: RedisChatStore, prefix: str
+) -> None:
+    # Both write {"role": ...} objects: a layout set wrong must not archive LlamaIndex's
+    # messages as empty turns, nor rewrite a seed-004 agent's list in LlamaIndex's shape.
+    chat_key = prefix + "li-chat"
+    store.set_messages(chat_key, conversation() * 2)
+    plain_key = prefix + "conversation:li-plain:history"
+    plain = [
+        f'{{"role":"{"user" if i % 2 == 0 else "assistant"}","content":"turn {i}"}}'.encode()
+        for i in range(20)
+    ]
+    await redis.rpush(plain_key, *plain)
+    chat_before = await list_of(redis, chat_key)
+    for layout, key in (("list", chat_key), ("llamaindex", plain_key)):
+        settings = make_settings(layout=layout, key_pattern=prefix + "{id}")
+        async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+            ref = rt.pattern.parse(key)
+            assert ref is not None
+            outcome = await rt.pipeline.consolidate(ref)
+        assert outcome.status == "quarantined", (layout, outcome)
+    assert await list_of(redis, chat_key) == chat_before
+    assert await list_of(redis, plain_key) == plain

@@ -40,6 +40,10 @@ class LlamaIndexLayout(StoredAsList):
         role = obj.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise DecodeError(f"unknown role {role!r}")
+        if "blocks" not in obj and "additional_kwargs" not in obj:
+            # Every ChatMessage dump has them; a bare {"role", "content"} is another layout's
+            # element, which this one would rewrite into LlamaIndex's shape.
+            raise DecodeError("not a LlamaIndex ChatMessage (no blocks, no additional_kwargs)")
         extra = obj.get("additional_kwargs")
         extra = extra if isinstance(extra, dict) else {}
         blocks = obj.get("blocks")
