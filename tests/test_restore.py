@@ -288,3 +288,31 @@ async def test_restore_records_its_summary_as_applied(
     head = (await redis.lrange(key, 0, 0))[0]
     assert isinstance(head, bytes)
     assert bytes(rows[-1]["head_sha"]) in head_digests(head)
+
+
+async def test_restore_never_starts_with_a_tool_result_whose_call_stays_out(
+    runtime: Runtime, redis: Redis
+) -> None:
+    key = runtime.pattern.key_for("r-tool")
+    written = await agents.conversation(redis, key, 10)
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "track"}}],
+    }
+    result = {"role": "tool", "tool_call_id": "c1", "content": "ORD-1004: out for delivery"}
+    pair = [json.dumps(call).encode(), json.dumps(result).encode()]
+    await redis.rpush(key, *pair)
+    written += pair + await agents.conversation(redis, key, 2, start=12)  # 14 turns
+    ref = runtime.pattern.parse(key)
+    assert ref is not None
+    assert (await runtime.pipeline.consolidate(ref)).status == "consolidated"
+    await redis.delete(key)
+
+    # The last 3 turns would start with the result (#11): its call (#10) comes back with it.
+    done = await restore(
+        runtime.redis, runtime.engine, runtime.settings, "r-tool", turns=3, ttl_s=60
+    )
+
+    assert done.status is RestoreStatus.RESTORED and done.first_seq == 10
+    assert (await redis.lrange(key, 0, -1))[1:] == written[10:]

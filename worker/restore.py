@@ -93,6 +93,13 @@ async def restore(
         reason = "no summary, and no turn asked for" if turns == 0 else "nothing archived"
         return RestoreResult(RestoreStatus.NOTHING, session_id, reason=reason)
     layout = _layout(settings, found.layout)
+    wanted = turns
+    while wanted is not None and found.left_out and _orphaned_results(layout, found.turns):
+        # The first turns put back are results whose calls are left out: a model API refuses
+        # such a history. One more turn at a time until the calls are in.
+        wanted += 1
+        async with engine.connect() as conn:
+            found = await _read_archive(conn, session_id, wanted) or found
     now = now or datetime.now(UTC)
     summary_elements: list[bytes] = []
     if found.summary_text is not None:
@@ -256,6 +263,12 @@ async def _read_archive(conn: AsyncConnection, session_id: str, n: int | None) -
         int(left_out),
         [bytes(raw) for raw in reversed(list(samples))],
     )
+
+
+def _orphaned_results(layout: Layout, chosen: Sequence[tuple[int, bytes]]) -> bool:
+    decoded = _decoded(layout, [raw for _, raw in chosen])
+    calls = {call for turn in decoded for call in turn.tool_calls}
+    return any(not turn.tool_results <= calls for turn in decoded)
 
 
 def _decoded(layout: Layout, elements: Sequence[bytes]) -> list[Turn]:
