@@ -164,3 +164,25 @@ async def test_a_session_being_consolidated_is_waited_for_then_reported_busy(
             finish(), forget_session(rt.redis, rt.engine, settings, f"{prefix}busy")
         )
     assert counts.turns == 6 and not await redis.exists(key)
+
+
+async def test_erasing_an_adk_user_takes_their_state_and_a_session_id_never_does(
+    make_settings: Callable[..., Settings], redis: Redis, prefix: str
+) -> None:
+    settings = make_settings(layout="adk", key_pattern=prefix + "adk:session:{app}:{user}:{id}")
+    keys = {
+        "bob's session": f"{prefix}adk:session:shop:bob:s9",
+        "bob's state": f"{prefix}adk:session:user_state:shop:bob",
+        "alice's state": f"{prefix}adk:session:user_state:shop:alice",
+        "the app's state": f"{prefix}adk:session:app_state:shop",
+    }
+    for key in keys.values():
+        await redis.set(key, b'{"id":"s9","events":[]}' if "s9" in key else b'{"user:n":"X"}')
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        await forget_user(rt.redis, rt.engine, settings, "bob")
+        # "alice" read as a session id matches her state value's key: it is not a session.
+        by_id = await forget_session(rt.redis, rt.engine, settings, "alice")
+
+    assert not await redis.exists(keys["bob's session"], keys["bob's state"])
+    assert await redis.exists(keys["alice's state"], keys["the app's state"]) == 2
+    assert by_id.hot_keys == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from redis.asyncio import Redis
@@ -17,7 +18,7 @@ from sqlalchemy import ColumnElement, Executable, delete, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.archive.tables import erasures, gaps, quarantine, sessions, summaries, turns
-from worker.config import Settings
+from worker.config import LayoutName, Settings
 from worker.domain import SessionRef
 from worker.hot.exclusive import holding
 from worker.hot.keys import KeyPattern
@@ -66,10 +67,10 @@ async def forget_session(
         archived = await _archived_refs(conn, sessions.c.session_id == session_id)
     if "{app}" in settings.pattern or "{user}" in settings.pattern:
         # The key has parts the id alone does not give (ADK's app and user): look for it.
-        by_id = KeyPattern.compile(settings.pattern, id_glob=_GLOB_SPECIAL.sub(r"\\\1", session_id))
+        by_id = KeyPattern.compile(settings.pattern, id_glob=_escape(session_id))
         hot: list[SessionRef] = []
         async for batch in scan_keys(redis, by_id, settings.scan_count):
-            hot += [ref for ref in batch if ref.session_id == session_id]
+            hot += [r for r in batch if r.session_id == session_id and not _adk_state(settings, r)]
     else:
         hot = [SessionRef(session_id, pattern.key_for(session_id))]
     if user_id is not None:
@@ -93,7 +94,15 @@ async def forget_user(
         refs = await _archived_refs(conn, sessions.c.user_id == user_id)
     refs += await _hot_refs_of_user(redis, settings, user_id)
     return await _forget(
-        redis, engine, settings, "user", user_id, refs, owner=user_id, every_session=True
+        redis,
+        engine,
+        settings,
+        "user",
+        user_id,
+        refs,
+        owner=user_id,
+        every_session=True,
+        also=await _adk_user_state_keys(redis, settings, user_id),
     )
 
 
@@ -112,12 +121,13 @@ async def _forget(
     refs: list[SessionRef],
     owner: str | None,
     every_session: bool = False,
+    also: Sequence[str] = (),
 ) -> ErasureCounts:
     pattern = KeyPattern.compile(settings.pattern)
     session_keys = {ref.key for ref in refs}
     # The key the configured pattern gives too: the archived one may predate a prefix change.
     session_keys |= {pattern.key_for(ref.session_id, ref.app, ref.user) for ref in refs}
-    hot_keys = set(session_keys)
+    hot_keys = set(session_keys) | set(also)
     if settings.metadata_pattern:
         hot_keys |= {settings.metadata_pattern.replace("{id}", ref.session_id) for ref in refs}
     ids = sorted({ref.session_id for ref in refs})
@@ -208,6 +218,7 @@ async def _hot_refs_of_user(redis: Redis, settings: Settings, user_id: str) -> l
     metadata_pattern = settings.metadata_pattern
     found: list[SessionRef] = []
     async for batch in scan_keys(redis, pattern, settings.scan_count):
+        batch = [ref for ref in batch if not _adk_state(settings, ref)]
         found += [ref for ref in batch if ref.user == user_id]
         unnamed = [ref for ref in batch if ref.user is None]
         if metadata_pattern and unnamed:
@@ -225,3 +236,29 @@ def _is(owner: object, user_id: str) -> bool:
     if isinstance(owner, bytes):
         return owner.decode("utf-8", "replace") == user_id
     return owner == user_id
+
+
+# ADK keeps a user's own state (`user:` keys: a name, an email) beside the sessions, at
+# `{prefix}user_state:{app}:{user}`, and the app's at `{prefix}app_state:{app}`.
+_ADK_STATE = ("user_state", "app_state")
+
+
+def _adk_state(settings: Settings, ref: SessionRef) -> bool:
+    """Whether the pattern took one of ADK's state values for a session (app `user_state`)."""
+    return settings.layout is LayoutName.ADK and ref.app in _ADK_STATE
+
+
+async def _adk_user_state_keys(redis: Redis, settings: Settings, user_id: str) -> list[str]:
+    """The user's ADK state values, in every app: personal data an erasure must not leave."""
+    prefix, app, _ = settings.pattern.partition("{app}")
+    if settings.layout is not LayoutName.ADK or not app:
+        return []
+    glob = f"{_escape(prefix)}user_state:*:{_escape(user_id)}"
+    return [
+        key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else str(key)
+        async for key in redis.scan_iter(match=glob, count=settings.scan_count)
+    ]
+
+
+def _escape(literal: str) -> str:
+    return _GLOB_SPECIAL.sub(r"\\\1", literal)
