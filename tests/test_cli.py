@@ -24,7 +24,7 @@ from tests import agents
 from tests.conftest import REDIS_URL
 from tests.servers import free_port
 from worker.config import Settings
-from worker.testing.gemini_server import GeminiServer
+from worker.testing.gemini_server import GeminiServer, Reply
 
 CLI = [sys.executable, "-m", "worker"]
 
@@ -289,6 +289,21 @@ async def test_check_reports_healthy_servers_and_fails_on_a_dead_one(
     assert dead.returncode == 1 and "redis       FAIL" in dead.stdout
 
 
+async def test_flush_whose_summaries_all_fail_says_so_and_exits_1(
+    make_settings: Callable[..., Settings], redis: Redis, prefix: str
+) -> None:
+    settings = make_settings()
+    await agents.conversation(redis, settings.pattern.replace("{id}", f"{prefix}nm"), 10)
+    model = {"CONSOLIDATOR_SUMMARIZER": "gemini", "GEMINI_API_KEY": "k-wrong"}
+    async with GeminiServer(default=lambda request: Reply.error(401)) as server:
+        done = await cli(
+            settings, "flush", f"{prefix}nm", GOOGLE_GEMINI_BASE_URL=server.base_url, **model
+        )
+    # Archived, but the hot state is as large as before: not a success to report as one.
+    assert done.returncode == 1, done.stderr
+    assert "1 summaries failed" in done.stderr and "10 turns archived" in done.stderr
+
+
 async def test_check_asks_the_model_and_says_whether_it_answers(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -303,6 +318,7 @@ async def test_check_asks_the_model_and_says_whether_it_answers(
     assert up.returncode == 0 and "summarizer  ok   gemini" in up.stdout, up.stdout + up.stderr
     assert "answers" in up.stdout
     assert down.returncode == 1 and "summarizer  FAIL gemini" in down.stdout, down.stdout
+    assert "cannot connect to 127.0.0.1:" in down.stdout and "object at 0x" not in down.stdout
     assert covered.returncode == 0 and "fall back to extractive" in covered.stdout
     for done in (up, down, covered):
         assert "k-secret-1234" not in done.stdout + done.stderr

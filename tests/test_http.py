@@ -58,8 +58,8 @@ async def test_metrics_count_a_consolidation(runtime: Runtime, redis: Redis) -> 
     latency = ("consolidator_model_latency_seconds_count", (("summarizer", "extractive"),))
     assert found[latency] == 1
     # The key had about 5,000 s left when its turns were archived.
-    assert found[("consolidator_seconds_left_at_flush_bucket", (("le", "3600.0"),))] == 0
-    assert found[("consolidator_seconds_left_at_flush_bucket", (("le", "86400.0"),))] == 1
+    assert found[("consolidator_expiry_left_at_flush_seconds_bucket", (("le", "3600.0"),))] == 0
+    assert found[("consolidator_expiry_left_at_flush_seconds_bucket", (("le", "86400.0"),))] == 1
     assert found[("consolidator_archive_batch_size_count", (("kind", "archive"),))] >= 1
     assert found[("consolidator_cas_conflicts_total", ())] == 0
     for family in (  # the rest an operator finds there, even before they count anything

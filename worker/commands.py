@@ -11,6 +11,7 @@ from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+import aiohttp
 import orjson
 import structlog
 from redis.asyncio import Redis
@@ -31,7 +32,7 @@ from worker.domain import Outcome, SessionRef
 from worker.hot.keys import KeyPattern
 from worker.hot.scanner import probe, scan_keys
 from worker.outages import first_line, outage
-from worker.pipeline import NO_HOT_STATE, Options
+from worker.pipeline import NO_HOT_STATE, SUMMARY_FAILED, Options
 from worker.policy import classify
 from worker.runtime import Runtime, database_engine, open_runtime, redis_client
 from worker.summarizers.base import Summarizer
@@ -74,6 +75,13 @@ async def _database_answers(rt: Runtime, stop: asyncio.Event) -> bool:
             await asyncio.wait_for(stop.wait(), delay)
         delay = min(delay * 2, 30.0)
     return False
+
+
+def _unanswered(exc: Exception) -> str:
+    """Why the model did not answer, in one line (aiohttp's own shows an SSL object's repr)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
+    return first_line(exc)
 
 
 async def daemon_main(
@@ -200,6 +208,13 @@ async def flush_main(
     missing = sorted({o.session_id for o in outcomes if o.reason == NO_HOT_STATE} & set(ids))
     if missing:  # a mistyped id must not read as a success
         print(f"consolidator: no hot state for {', '.join(map(repr, missing))}", file=sys.stderr)
+    unslimmed = sum(1 for o in outcomes if o.reason == SUMMARY_FAILED)
+    if unslimmed:  # archived, but the model never answered: the hot state is as large as ever
+        print(
+            f"consolidator: {unslimmed} summaries failed (see the log); those sessions are "
+            "archived, their hot state left as it was",
+            file=sys.stderr,
+        )
     done = "turns to archive" if dry_run else "turns archived"
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(totals.items()))
     print(
@@ -207,7 +222,7 @@ async def flush_main(
         f"{sum(o.turns_archived for o in outcomes)} {done}",
         file=sys.stderr,
     )
-    return 1 if any(o.status in FAILED for o in outcomes) else 0
+    return 1 if unslimmed or any(o.status in FAILED for o in outcomes) else 0
 
 
 async def _flush_with_retries(
@@ -346,9 +361,8 @@ async def _check_summarizer(summarizer: Summarizer) -> bool:
     except Exception as exc:  # whatever the SDK raises, it is the answer to report
         then = "; summaries fall back to extractive" if fallback else ""
         state = "ok  " if fallback else "FAIL"
-        print(
-            f"summarizer  {state} {model.name} {model.model} not answering: {first_line(exc)}{then}"
-        )
+        why = _unanswered(exc)
+        print(f"summarizer  {state} {model.name} {model.model} not answering: {why}{then}")
         return fallback
     print(f"summarizer  ok   {model.name} {model.model} answers")
     return True

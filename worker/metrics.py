@@ -101,7 +101,7 @@ class Metrics:
             "consolidator_session_seconds", "Time to consolidate one session", registry=r
         )
         self.expiry_left = Histogram(
-            "consolidator_seconds_left_at_flush",
+            "consolidator_expiry_left_at_flush_seconds",
             "Seconds before the key would have expired, when its turns were archived",
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 86400),
             registry=r,

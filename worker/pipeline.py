@@ -37,6 +37,7 @@ log = structlog.get_logger(__name__)
 _WORRYING = frozenset({"failed", "quarantined", "abandoned"})
 _MARKER = re.compile(r"^\d+ earlier turns archived\.$")
 NO_HOT_STATE = "no hot state"  # the reason given when a session's key is gone or empty
+SUMMARY_FAILED = "summary failed; hot state left as it was"  # archived, not slimmed
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +175,7 @@ class Pipeline:
         folded = verbatim[:cut]
         summary = await self._summarize(state.previous_summary, folded, through_seq + 1)
         if summary is None:
-            return replace(archived, reason="summary failed; hot state left as it was")
+            return replace(archived, reason=SUMMARY_FAILED)
         prefix_len = alignment.summary_len + cut
         elements = self.layout.summary_elements(
             summary.text,
