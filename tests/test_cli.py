@@ -219,6 +219,8 @@ async def test_usage_and_configuration_errors_exit_2(
         undecodable = await cli(settings, *args)  # what Python makes of the bytes b"a\xff"
         assert undecodable.returncode == 2, (args, undecodable.stderr)
         assert "is not valid UTF-8" in undecodable.stderr and "Traceback" not in undecodable.stderr
+    empty_id = await cli(settings, "history", " ")
+    assert empty_id.returncode == 2 and "session id is empty" in empty_id.stderr
     empty_glob = await cli(settings, "flush", "--match", "")
     assert empty_glob.returncode == 2 and "matches no session id" in empty_glob.stderr
     bad_layout = await cli(settings, "stats", CONSOLIDATOR_LAYOUT="nonsense")

@@ -103,6 +103,7 @@ async def test_forget_session_erases_both_tiers_and_audits_without_content(
     again = await cli(settings, "forget", sid)  # idempotent: nothing left, still audited
     assert again.returncode == 0, again.stderr
     assert "0 sessions, 0 turns" in again.stdout
+    assert f"nothing of session {sid} was found" in again.stderr
     assert len(await audit_rows(pg, sid)) == 2
 
 

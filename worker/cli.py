@@ -153,6 +153,8 @@ def history(
     """The archived conversation, summaries marked, oldest first."""
     from worker.commands import history_main
 
+    if not session_id.strip():
+        _usage_error("history: the session id is empty")
     settings = _settings()
     raise typer.Exit(_run(lambda: history_main(settings, session_id, as_json=json)))
 

@@ -583,6 +583,9 @@ async def forget_main(settings: Settings, *, session_id: str | None, user_id: st
         f"{counts.summaries} summaries, {counts.gaps} gaps, {counts.quarantine} quarantine "
         f"records, {counts.hot_keys} hot keys"
     )
+    if not any(counts.as_json().values()):
+        # Still exit 0 and audited (erasure is idempotent), but a mistyped id must show.
+        print(f"consolidator: nothing of {subject} was found", file=sys.stderr)
     return 0
 
 
