@@ -48,7 +48,6 @@ from tests.proxy import FaultProxy
 from worker.archive.schema import upgrade
 from worker.commands import flush_main
 from worker.config import Settings
-from worker.domain import head_digests
 from worker.hot.keys import lease_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -874,10 +873,10 @@ async def audit_session(
                 hot_ok = False
                 problems.append(f"{session_id}: summary says {covered} turns, {folded} folded")
             through = await pg.fetchval(
-                "SELECT through_seq FROM summaries WHERE session_id = $1 "
-                "AND head_sha = ANY($2::bytea[]) ORDER BY id DESC LIMIT 1",
+                "SELECT through_seq FROM summaries WHERE session_id = $1 AND head_sha = $2 "
+                "ORDER BY id DESC LIMIT 1",
                 session_id,
-                list(head_digests(hot[0])),
+                sha256(hot[0]),
             )
             if through is None or through + 1 != folded:
                 hot_ok = False

@@ -15,6 +15,7 @@ from google.genai import types
 from redis.asyncio import Redis
 
 from tests.layout_helpers import MeanwhileSummarizer, archived, ref_of, value_of
+from worker.archive import writer
 from worker.config import Settings
 from worker.layouts.gemini import ACKNOWLEDGEMENT, SUMMARY_HEADER, GeminiLayout
 from worker.runtime import Runtime, open_runtime
@@ -347,10 +348,17 @@ async def test_an_agent_that_saves_the_summary_its_own_way_still_has_it_recognis
     async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
         first = await rt.pipeline.consolidate(ref_of(rt, key))
         assert first.status == "consolidated", first
+        exact = GeminiLayout().split(await value_of(redis, key))[0]
         hot = json.loads(await value_of(redis, key))
         assert "…" in hot[0]["parts"][0]["text"]
         new = [{"role": "user", "parts": [{"text": "And one more thing."}]}]
         await redis.set(key, save(hot + new).encode(), keepttl=True)  # the agent's next turn
+        # The one-session read (what a failed batch falls back to) knows it too.
+        respelled = GeminiLayout().split(await value_of(redis, key))[0]
+        async with rt.engine.connect() as conn:
+            for head in (exact, respelled):
+                alone = await writer.read_state(conn, sid, head, 7)
+                assert alone.head is not None and alone.head.through_seq == 7, alone
 
         again = await rt.pipeline.consolidate(ref_of(rt, key))
 

@@ -14,7 +14,7 @@ from tests import agents
 from tests.archive_helpers import cli
 from worker.archive.reader import ArchiveReader
 from worker.config import DEFAULT_KEY_PATTERNS, LayoutName, Settings
-from worker.domain import Kind, SessionRef, head_digests
+from worker.domain import Kind, SessionRef, digest
 from worker.layouts.base import Layout, Storage
 from worker.restore import RestoreStatus, restore
 from worker.runtime import Runtime, open_runtime
@@ -287,7 +287,7 @@ async def test_restore_records_its_summary_as_applied(
     assert [e.seq for e in history if e.kind is Kind.SUMMARY] == [5]  # shown once, not twice
     head = (await redis.lrange(key, 0, 0))[0]
     assert isinstance(head, bytes)
-    assert bytes(rows[-1]["head_sha"]) in head_digests(head)
+    assert bytes(rows[-1]["head_sha"]) == digest(head)
 
 
 async def test_restore_never_starts_with_a_tool_result_whose_call_stays_out(
@@ -316,3 +316,25 @@ async def test_restore_never_starts_with_a_tool_result_whose_call_stays_out(
 
     assert done.status is RestoreStatus.RESTORED and done.first_seq == 10
     assert (await redis.lrange(key, 0, -1))[1:] == written[10:]
+
+
+async def test_a_restored_marker_stays_a_marker_for_retention(
+    runtime: Runtime, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    # A marker ("N earlier turns archived") carries nothing of its turns: retention keeps them,
+    # and must go on keeping them once the marker is restored.
+    key = runtime.pattern.key_for("r-marker")
+    await agents.conversation(redis, key, 10)
+    ref = runtime.pattern.parse(key)
+    assert ref is not None
+    await runtime.pipeline.consolidate(ref)
+    await pg.execute("UPDATE summaries SET summarizer = 'marker' WHERE session_id = 'r-marker'")
+    await redis.delete(key)
+
+    done = await restore(
+        runtime.redis, runtime.engine, runtime.settings, "r-marker", turns=None, ttl_s=60
+    )
+
+    assert done.status is RestoreStatus.RESTORED
+    rows = await pg.fetch("SELECT summarizer FROM summaries WHERE session_id = 'r-marker'")
+    assert [r["summarizer"] for r in rows] == ["marker", "marker"]

@@ -16,18 +16,14 @@ def digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
-def head_digests(raw: bytes) -> tuple[bytes, bytes]:
-    """How a summary element is recognised at the head of the hot state: by what it says as
-    JSON (keys sorted, one spelling of each string), then by its bytes. An agent that loads and
-    saves its whole history again (seed 003's one-string layout) may write the summary with
-    other escapes, spacing or indentation than the daemon guessed; it is still that summary.
-    Summaries archived before this identity existed are known by their bytes alone."""
-    exact = digest(raw)
+def same_json(a: bytes, b: bytes) -> bool:
+    """Whether two elements say the same as JSON, however spelled (escapes, spacing, key
+    order). An agent that loads and saves its whole history again (seed 003's one-string
+    layout) may write the daemon's summary back in its own style: it is still that summary."""
     try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return exact, exact
-    return digest(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)), exact
+        return bool(orjson.loads(a) == orjson.loads(b))
+    except (ValueError, RecursionError):  # not JSON, or nested past what can be compared
+        return False
 
 
 class Kind(enum.StrEnum):

@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from worker.archive import writer
 from worker.archive.tables import gaps, summaries
 from worker.archive.writer import ArchivedFrom, ArchiveState
-from worker.domain import SessionRef, SummaryText, Turn, head_digests
+from worker.domain import SessionRef, SummaryText, Turn, digest
 from worker.policy import HeadSummary
 
 log = structlog.get_logger(__name__)
@@ -298,17 +298,15 @@ class GroupCommit:
     async def _read_batch(
         self, conn: AsyncConnection, requests: list[StateRequest]
     ) -> list[ArchiveState]:
-        heads = [head_digests(r.head) if r.head is not None else (None, None) for r in requests]
         params = {
             "session_ids": [r.session_id for r in requests],
-            "head_shas": [as_json for as_json, _ in heads],
-            "head_raws": [exact for _, exact in heads],
+            "head_shas": [digest(r.head) if r.head is not None else None for r in requests],
             "hot_lens": [r.hot_len for r in requests],
         }
         rows = (await conn.execute(_READ_STATE, params)).all()
         states: list[ArchiveState | None] = [None] * len(requests)
         for row in rows:
-            states[row.i - 1] = _state(row)
+            states[row.i - 1] = _state(row, requests[row.i - 1].head)
         return [state or ArchiveState(0, None, {}, None) for state in states]
 
     async def _read_alone(self, request: StateRequest) -> ArchiveState:
@@ -377,19 +375,19 @@ _READ_STATE = text(
     """
 WITH req AS (
     SELECT * FROM unnest(
-        CAST(:session_ids AS text[]), CAST(:head_shas AS bytea[]), CAST(:head_raws AS bytea[]),
-        CAST(:hot_lens AS bigint[])
-    ) WITH ORDINALITY AS r(session_id, head_sha, head_raw, hot_len, i)
+        CAST(:session_ids AS text[]), CAST(:head_shas AS bytea[]), CAST(:hot_lens AS bigint[])
+    ) WITH ORDINALITY AS r(session_id, head_sha, hot_len, i)
 )
 SELECT r.i, s.turn_count, s.redis_key, s.layout, s.app_name, s.user_id,
        h.through_seq, h.element_count, h.text AS head_text,
-       t.seqs, t.shas, p.text AS previous
+       t.seqs, t.shas, p.text AS previous, p.through_seq AS previous_through,
+       p.element_count AS previous_count, p.head AS previous_head
 FROM req r
 JOIN sessions s ON s.session_id = r.session_id
 LEFT JOIN LATERAL (
     SELECT m.through_seq, cardinality(m.elements) AS element_count, m.text
     FROM summaries m
-    WHERE m.session_id = r.session_id AND m.head_sha IN (r.head_sha, r.head_raw)
+    WHERE m.session_id = r.session_id AND m.head_sha = r.head_sha
     ORDER BY m.id DESC LIMIT 1
 ) h ON true
 LEFT JOIN LATERAL (
@@ -398,7 +396,9 @@ LEFT JOIN LATERAL (
     WHERE u.session_id = r.session_id AND u.seq >= s.turn_count - r.hot_len
 ) t ON true
 LEFT JOIN LATERAL (
-    SELECT m.text FROM summaries m
+    SELECT m.text, m.through_seq, cardinality(m.elements) AS element_count,
+           m.elements[1] AS head
+    FROM summaries m
     WHERE m.session_id = r.session_id AND m.applied = 1
     ORDER BY m.through_seq DESC, m.id DESC LIMIT 1
 ) p ON h.through_seq IS NULL
@@ -406,11 +406,20 @@ LEFT JOIN LATERAL (
 )
 
 
-def _state(row: Any) -> ArchiveState:
+def _state(row: Any, hot_head: bytes | None) -> ArchiveState:
     head = None
     if row.through_seq is not None:
         head = HeadSummary(
             through_seq=row.through_seq, element_count=row.element_count, text=row.head_text
+        )
+    elif row.previous_head is not None and hot_head is not None:
+        # Not known by its bytes: the latest summary, written back in the agent's own style?
+        head = writer.respelled(
+            hot_head,
+            bytes(row.previous_head),
+            row.previous_through,
+            row.previous_count,
+            row.previous,
         )
     tail = dict(zip(row.seqs or (), (bytes(s) for s in row.shas or ()), strict=True))
     origin = ArchivedFrom(row.redis_key, row.layout, row.app_name, row.user_id)
@@ -512,7 +521,7 @@ async def _insert_summaries(conn: AsyncConnection, requests: list[SummaryRequest
                 "through_seq": r.through_seq,
                 "text": r.summary.text,
                 "elements": list(r.elements),
-                "head_sha": head_digests(r.elements[0])[0],
+                "head_sha": digest(r.elements[0]),
                 "summarizer": r.summary.summarizer,
                 "model": r.summary.model,
                 "model_version": r.summary.model_version,

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from worker.archive.tables import gaps, quarantine, sessions, summaries, turns
-from worker.domain import SessionRef, SummaryText, Turn, head_digests
+from worker.domain import SessionRef, SummaryText, Turn, digest, same_json
 from worker.policy import HeadSummary
 
 
@@ -44,10 +44,10 @@ class ArchiveState:
 
 
 async def read_state(
-    conn: AsyncConnection, session_id: str, head: bytes | None, hot_len: int
+    conn: AsyncConnection, session_id: str, hot_head: bytes | None, hot_len: int
 ) -> ArchiveState:
-    """What the archive holds of a session, and which summary `head` (the hot state's first
-    element) is, if it is one of ours."""
+    """What the archive holds of a session, and which summary `hot_head` (the hot state's
+    first element) is, if it is one of ours."""
     found = (
         await conn.execute(
             select(
@@ -64,7 +64,7 @@ async def read_state(
     count = found.turn_count
     origin = ArchivedFrom(found.redis_key, found.layout, found.app_name, found.user_id)
     head = None
-    if head is not None:
+    if hot_head is not None:
         row = (
             await conn.execute(
                 select(
@@ -73,8 +73,7 @@ async def read_state(
                     summaries.c.text,
                 )
                 .where(
-                    summaries.c.session_id == session_id,
-                    summaries.c.head_sha.in_(head_digests(head)),
+                    summaries.c.session_id == session_id, summaries.c.head_sha == digest(hot_head)
                 )
                 .order_by(summaries.c.id.desc())
                 .limit(1)
@@ -82,25 +81,43 @@ async def read_state(
         ).first()
         if row is not None:
             head = HeadSummary(through_seq=row[0], element_count=row[1], text=row[2])
+    previous = head.text if head else None
+    if head is None:
+        latest = (
+            await conn.execute(
+                select(
+                    summaries.c.text,
+                    summaries.c.through_seq,
+                    func.cardinality(summaries.c.elements),
+                    summaries.c.elements[1],
+                )
+                .where(summaries.c.session_id == session_id, summaries.c.applied == 1)
+                .order_by(summaries.c.through_seq.desc(), summaries.c.id.desc())
+                .limit(1)
+            )
+        ).first()
+        if latest is not None:
+            previous = latest[0]
+            if hot_head is not None:
+                head = respelled(hot_head, bytes(latest[3]), latest[1], latest[2], latest[0])
     tail_rows = await conn.execute(
         select(turns.c.seq, turns.c.raw_sha).where(
             turns.c.session_id == session_id, turns.c.seq >= count - hot_len
         )
     )
     tail = {seq: sha for seq, sha in tail_rows}
-    previous = head.text if head else await latest_summary_text(conn, session_id)
     return ArchiveState(count, head, tail, previous, origin)
 
 
-async def latest_summary_text(conn: AsyncConnection, session_id: str) -> str | None:
-    return (
-        await conn.execute(
-            select(summaries.c.text)
-            .where(summaries.c.session_id == session_id, summaries.c.applied == 1)
-            .order_by(summaries.c.through_seq.desc(), summaries.c.id.desc())
-            .limit(1)
-        )
-    ).scalar_one_or_none()
+def respelled(
+    hot_head: bytes, latest_head: bytes, through_seq: int, element_count: int, text: str
+) -> HeadSummary | None:
+    """The latest applied summary, when the hot state starts with it spelled anew: an agent
+    that re-saves its whole history (the gemini layout) writes it back in its own JSON style,
+    and the bytes it was recorded by no longer match."""
+    if same_json(hot_head, latest_head):
+        return HeadSummary(through_seq=through_seq, element_count=element_count, text=text)
+    return None
 
 
 async def archive_turns(
@@ -188,7 +205,7 @@ async def record_summary(
             through_seq=through_seq,
             text=summary.text,
             elements=list(elements),
-            head_sha=head_digests(elements[0])[0],
+            head_sha=digest(elements[0]),
             summarizer=summary.summarizer,
             model=summary.model,
             model_version=summary.model_version,
