@@ -176,6 +176,7 @@ async def test_erasing_an_adk_user_takes_their_state_and_a_session_id_never_does
         "bob's state": f"{prefix}adk:session:user_state:shop:bob",
         "alice's state": f"{prefix}adk:session:user_state:shop:alice",
         "the app's state": f"{prefix}adk:session:app_state:shop",
+        "user team:bob's state": f"{prefix}adk:session:user_state:shop:team:bob",
     }
     for key in keys.values():
         await redis.set(key, b'{"id":"s9","events":[]}' if "s9" in key else b'{"user:n":"X"}')
@@ -185,5 +186,19 @@ async def test_erasing_an_adk_user_takes_their_state_and_a_session_id_never_does
         by_id = await forget_session(rt.redis, rt.engine, settings, "alice")
 
     assert not await redis.exists(keys["bob's session"], keys["bob's state"])
-    assert await redis.exists(keys["alice's state"], keys["the app's state"]) == 2
+    spared = ("alice's state", "the app's state", "user team:bob's state")
+    assert await redis.exists(*(keys[k] for k in spared)) == 3
     assert by_id.hot_keys == 0
+
+
+async def test_forget_of_one_users_session_spares_a_session_of_that_id_owned_by_another(
+    settings: Settings, redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    # The list layout's key does not name the user: the archive and the metadata hash do.
+    async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+        hers = await consolidated(rt, redis, f"{prefix}x1", f"{prefix}alice")
+        live = await redis.lrange(hers.key, 0, -1)
+        wrong = await cli(settings, "forget", hers.session_id, "--user", f"{prefix}bob")
+        assert wrong.returncode == 0, wrong.stderr
+        assert await redis.lrange(hers.key, 0, -1) == live
+        assert (await rows_of(pg, hers.session_id))["turns"] == 10

@@ -98,6 +98,8 @@ def test_calls_without_ids_are_paired_with_their_results_by_name_in_order() -> N
         (GeminiLayout(), b'{"role": "user", "parts": [{"text": "\xff"}]}'),
         # tool_calls that is not a list: which turns answer which call is unknown.
         (ListLayout(), b'{"role": "assistant", "content": "x", "tool_calls": 5}'),
+        # Another layout's message (a layout set wrong): LlamaIndex's blocks, no content.
+        (ListLayout(), b'{"role": "user", "additional_kwargs": {}, "blocks": []}'),
         (LangChainLayout(), b'{"type": "ai", "data": {"content": "x", "tool_calls": 5}}'),
         (
             LangChainLayout(),
@@ -112,6 +114,18 @@ def test_calls_without_ids_are_paired_with_their_results_by_name_in_order() -> N
 def test_what_a_layout_cannot_read_is_a_decode_error(layout: Layout, raw: bytes) -> None:
     with pytest.raises(DecodeError):
         layout.decode(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # OpenAI messages saved without their null fields: valid, with no content key.
+        b'{"role": "assistant", "function_call": {"name": "track", "arguments": "{}"}}',
+        b'{"role": "assistant", "refusal": "I cannot help with that."}',
+    ],
+)
+def test_a_list_message_without_content_is_still_read(raw: bytes) -> None:
+    assert ListLayout().decode(raw).role == "assistant"
 
 
 @pytest.mark.parametrize(

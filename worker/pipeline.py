@@ -236,7 +236,7 @@ class Pipeline:
             # Earlier markers are superseded: the count always covers the whole conversation.
             kept = [line for line in (previous or "").splitlines() if not _MARKER.match(line)]
             text = "\n".join([*kept, f"{turns_covered} earlier turns archived."])
-            return SummaryText(text=text, summarizer="marker")
+            return SummaryText(text=text, summarizer=OnSummaryFailure.MARKER.value)
         return None
 
     async def _other_owner(self, ref: SessionRef, origin: ArchivedFrom | None) -> str | None:

@@ -22,13 +22,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from worker.archive import writer
 from worker.archive.reader import RESTORED_SUMMARY
 from worker.archive.tables import sessions, summaries, turns
-from worker.config import LayoutName, Settings
+from worker.config import LayoutName, OnSummaryFailure, Settings
 from worker.domain import SessionRef, SummaryText, Turn
 from worker.hot.exclusive import holding
 from worker.layouts.base import DecodeError, Layout, Storage, decode_turns
 from worker.layouts.registry import layout_for
 
 RESTORE_SUMMARIZER = RESTORED_SUMMARY
+MARKER = OnSummaryFailure.MARKER.value
 
 
 class RestoreStatus(enum.StrEnum):
@@ -64,6 +65,7 @@ class _Archived:
     summary_from: int  # the turns it folded itself (earlier ones through its predecessors)
     summary_through: int
     summary_model: str | None
+    summary_by: str | None  # its summarizer
     turns: list[tuple[int, bytes]]
     left_out: int
     samples: list[bytes]  # the last turns the summary covers, oldest first
@@ -99,7 +101,10 @@ async def restore(
         # such a history. One more turn at a time until the calls are in.
         wanted += 1
         async with engine.connect() as conn:
-            found = await _read_archive(conn, session_id, wanted) or found
+            wider = await _read_archive(conn, session_id, wanted)
+        if wider is None or wider.left_out >= found.left_out:
+            break  # erased meanwhile, or no further back to go
+        found = wider
     now = now or datetime.now(UTC)
     summary_elements: list[bytes] = []
     if found.summary_text is not None:
@@ -216,7 +221,11 @@ async def _read_archive(conn: AsyncConnection, session_id: str, n: int | None) -
     latest = (
         await conn.execute(
             select(
-                summaries.c.text, summaries.c.from_seq, summaries.c.through_seq, summaries.c.model
+                summaries.c.text,
+                summaries.c.from_seq,
+                summaries.c.through_seq,
+                summaries.c.model,
+                summaries.c.summarizer,
             )
             .where(summaries.c.session_id == session_id, summaries.c.applied == 1)
             .order_by(summaries.c.through_seq.desc(), summaries.c.id.desc())
@@ -259,6 +268,7 @@ async def _read_archive(conn: AsyncConnection, session_id: str, n: int | None) -
         latest.from_seq if latest is not None else 0,
         through,
         latest.model if latest is not None else None,
+        latest.summarizer if latest is not None else None,
         chosen,
         int(left_out),
         [bytes(raw) for raw in reversed(list(samples))],
@@ -290,7 +300,10 @@ async def _record_summary(
             from_seq=found.summary_from,
             through_seq=found.summary_through,
             summary=SummaryText(
-                found.summary_text, summarizer=RESTORE_SUMMARIZER, model=found.summary_model
+                found.summary_text,
+                # A marker stays one: it carries nothing of its turns, which retention keeps.
+                summarizer=MARKER if found.summary_by == MARKER else RESTORE_SUMMARIZER,
+                model=found.summary_model,
             ),
             elements=elements,
         )

@@ -75,6 +75,12 @@ async def forget_session(
         hot = [SessionRef(session_id, pattern.key_for(session_id))]
     if user_id is not None:
         hot = [ref for ref in hot if ref.user in (None, user_id)]
+        if any(ref.user is None for ref in hot):
+            # The key does not name its user (the list layout): the archive, or the metadata
+            # hash, says whose it is. Another user's session is not this erasure's to touch.
+            claimed = {ref.user for ref in archived} | await _metadata_users(redis, settings, hot)
+            if claimed - {None, user_id}:
+                hot = [ref for ref in hot if ref.user is not None]
     elif len({ref.user for ref in archived + hot if ref.user is not None}) > 1:
         keys = sorted({ref.key for ref in archived + hot})
         raise AmbiguousSession(
@@ -232,6 +238,23 @@ async def _hot_refs_of_user(redis: Redis, settings: Settings, user_id: str) -> l
     return found
 
 
+async def _metadata_users(
+    redis: Redis, settings: Settings, refs: list[SessionRef]
+) -> set[str | None]:
+    """The `user_id` the metadata hashes of these sessions name, where there are hashes."""
+    if not settings.metadata_pattern:
+        return set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for ref in refs:
+            pipe.hget(settings.metadata_pattern.replace("{id}", ref.session_id), "user_id")
+        owners = await pipe.execute()
+    return {
+        owner.decode("utf-8", "replace") if isinstance(owner, bytes) else owner
+        for owner in owners
+        if owner is not None
+    }
+
+
 def _is(owner: object, user_id: str) -> bool:
     if isinstance(owner, bytes):
         return owner.decode("utf-8", "replace") == user_id
@@ -253,11 +276,14 @@ async def _adk_user_state_keys(redis: Redis, settings: Settings, user_id: str) -
     prefix, app, _ = settings.pattern.partition("{app}")
     if settings.layout is not LayoutName.ADK or not app:
         return []
-    glob = f"{_escape(prefix)}user_state:*:{_escape(user_id)}"
-    return [
+    start = f"{prefix}user_state:"
+    glob = f"{_escape(start)}*:{_escape(user_id)}"
+    keys = [
         key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else str(key)
         async for key in redis.scan_iter(match=glob, count=settings.scan_count)
     ]
+    # `*` crosses colons: user_state:app:team:bob is user "team:bob"'s, not bob's.
+    return [key for key in keys if ":" not in key[len(start) : -len(user_id) - 1]]
 
 
 def _escape(literal: str) -> str:

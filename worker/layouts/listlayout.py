@@ -35,10 +35,10 @@ class ListLayout(StoredAsList):
         role = obj.get("role")
         if not isinstance(role, str) or role not in KNOWN_ROLES:
             raise DecodeError(f"unknown role {role!r}")
-        if "content" not in obj and "tool_calls" not in obj:
-            # LlamaIndex's messages have role too, but "blocks": read as this layout they
-            # would be archived empty and folded away. A layout set wrong must quarantine.
-            raise DecodeError("a message with neither content nor tool_calls")
+        if "blocks" in obj and "content" not in obj:
+            # LlamaIndex's messages have a role too: read as this layout they would be archived
+            # empty and folded away. A layout set wrong must quarantine, not damage.
+            raise DecodeError("a LlamaIndex message (blocks, no content): is the layout right?")
         calls = frozenset(
             str(call["id"]) for call in tool_call_list(obj.get("tool_calls")) if "id" in call
         )
