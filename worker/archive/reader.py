@@ -76,7 +76,7 @@ class SummaryRecord:
 
     id: int
     session_id: str
-    from_seq: int
+    from_seq: int  # the first turn it folded itself; earlier ones it carries from its predecessor
     through_seq: int
     text: str
     applied: bool
