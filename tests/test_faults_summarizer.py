@@ -76,13 +76,16 @@ def content(raw: bytes) -> str:
     return value
 
 
-@pytest.mark.parametrize("error", [SummarizerUnavailable, SummaryRejected])
+@pytest.mark.parametrize(
+    ("error", "kind"), [(SummarizerUnavailable, "unavailable"), (SummaryRejected, "rejected")]
+)
 async def test_keep_policy_archives_and_leaves_the_hot_state_as_it_was(
     make_settings: Callable[..., Settings],
     redis: Redis,
     pg: asyncpg.Connection,
     prefix: str,
     error: type[Exception],
+    kind: str,
 ) -> None:
     broken = BrokenSummarizer(error)
     session = f"{prefix}keep-{error.__name__}"
@@ -93,7 +96,7 @@ async def test_keep_policy_archives_and_leaves_the_hot_state_as_it_was(
         ref = rt.pattern.parse(key)
         assert ref is not None
         outcome = await rt.pipeline.consolidate(ref)
-        failures = rt.metrics.summary_failures.labels(kind=error.__name__)._value.get()
+        failures = rt.metrics.summary_failures.labels(kind=kind)._value.get()
     assert broken.calls == 1
     assert outcome.status == "archived" and outcome.turns_archived == 12
     assert "summary failed" in (outcome.reason or "")
@@ -196,7 +199,7 @@ async def test_gemini_down_then_back_under_a_running_daemon(tmp_path: Path) -> N
             await asyncio.sleep(down_s)  # the model stays down a while longer
             assert daemon.running, daemon.tail()
             failures = await daemon.metric(
-                "consolidator_summary_failures_total", kind="SummarizerUnavailable"
+                "consolidator_summary_failures_total", kind="server_error"
             )
             failing = False
             recovered = await wait_until(

@@ -15,6 +15,7 @@ import pytest
 from google.genai import errors, types
 from structlog.testing import capture_logs
 
+from tests.servers import free_port
 from worker.config import Settings
 from worker.domain import Turn
 from worker.summarizers.base import SummarizerUnavailable, SummaryRejected
@@ -212,9 +213,10 @@ async def test_429_with_retry_info_in_the_body(server: GeminiServer, make: Make)
 async def test_retry_after_beyond_the_cap_is_not_waited(server: GeminiServer, make: Make) -> None:
     server.script(Reply.error(429, retry_after=120))
     started = time.monotonic()
-    with pytest.raises(SummarizerUnavailable, match="429"):
+    with pytest.raises(SummarizerUnavailable, match="429") as info:
         await make(backoff_max_s=1.0).summarize(PREVIOUS, TURNS, 1200)
     assert len(server.generate_requests) == 1
+    assert info.value.kind == "rate_limited"  # the metrics' label: a quota, not an outage
     assert time.monotonic() - started < 3.0  # not the 120 s asked for
 
 
@@ -228,9 +230,10 @@ async def test_server_error_then_success(server: GeminiServer, make: Make, statu
 
 async def test_gives_up_after_max_attempts(server: GeminiServer, make: Make) -> None:
     server.script(*[Reply.error(503)] * 5)
-    with pytest.raises(SummarizerUnavailable, match="503"):
+    with pytest.raises(SummarizerUnavailable, match="503") as info:
         await make(max_attempts=3).summarize(PREVIOUS, TURNS, 1200)
     assert len(server.generate_requests) == 3
+    assert info.value.kind == "server_error"
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
@@ -241,16 +244,18 @@ async def test_client_errors_are_not_retried(server: GeminiServer, make: Make, s
         await summarizer.summarize(PREVIOUS, TURNS, 1200)
     assert isinstance(info.value.__cause__, errors.ClientError)
     assert len(server.generate_requests) == 1
+    assert info.value.kind == "client_error"
 
 
 @TRANSPORTS
 async def test_slow_answer_times_out(server: GeminiServer, make: Make, transport: str) -> None:
     server.script(Reply.slow(5.0))
     started = time.monotonic()
-    with pytest.raises(SummarizerUnavailable, match=r"(?i)timeout"):
+    with pytest.raises(SummarizerUnavailable, match=r"(?i)timeout") as info:
         await make(transport=transport, timeout_s=0.3, max_attempts=1).summarize(
             PREVIOUS, TURNS, 1200
         )
+    assert info.value.kind == "timeout"
     assert time.monotonic() - started < 3.0  # the answer would take 5 s
 
 
@@ -330,8 +335,9 @@ async def test_circuit_breaker_opens_fails_fast_and_half_opens(
     assert len(server.generate_requests) == 4
 
     for _ in range(3):
-        with pytest.raises(SummarizerUnavailable, match="circuit open"):
+        with pytest.raises(SummarizerUnavailable, match="circuit open") as info:
             await summarizer.summarize(PREVIOUS, TURNS, 1200)
+        assert info.value.kind == "circuit_open"
     assert len(server.generate_requests) == 4  # failed fast: nothing sent
 
     clock.now += 30.0
@@ -549,3 +555,12 @@ def test_breaker_states() -> None:
     assert breaker.allow()
     breaker.record_failure()
     assert state_of(breaker) == BreakerState.OPEN
+
+
+async def test_an_unreachable_model_is_told_apart_from_one_that_answers_an_error(
+    make: Make,
+) -> None:
+    options = types.HttpOptions(base_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(SummarizerUnavailable) as info:
+        await make(http_options=options, max_attempts=1).summarize(PREVIOUS, TURNS, 1200)
+    assert info.value.kind == "unreachable"

@@ -227,7 +227,7 @@ class Pipeline:
                 previous, folded, self.settings.summary_max_chars
             )
         except (SummarizerUnavailable, SummaryRejected) as exc:
-            self.metrics.summary_failures.labels(kind=type(exc).__name__).inc()
+            self.metrics.summary_failures.labels(kind=exc.kind).inc()
             log.warning("summary_failed", error=str(exc), summarizer=self.summarizer.name)
         else:
             self.metrics.observe_summary(summary)

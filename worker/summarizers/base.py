@@ -12,9 +12,22 @@ from worker.domain import SummaryText, Turn
 class SummaryRejected(Exception):
     """The summarizer answered, but the answer must not replace the turns (empty, refusal...)."""
 
+    kind = "rejected"  # the label of consolidator_summary_failures_total
+
 
 class SummarizerUnavailable(Exception):
-    """The summarizer could not answer now (model down, circuit open, timeout)."""
+    """The summarizer could not answer now (model down, circuit open, timeout).
+
+    `kind`, one of a few words (timeout, rate_limited, server_error, client_error,
+    unreachable, circuit_open, unavailable), labels the failure in the metrics: an operator
+    must tell a quota from an outage without reading the logs."""
+
+    kind = "unavailable"
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
 
 
 class Summarizer(Protocol):

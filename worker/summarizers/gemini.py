@@ -36,6 +36,7 @@ from worker.summarizers.resilience import (
     BreakerState,
     CircuitBreaker,
     describe,
+    failure_kind,
     is_transient,
     marks_down,
     retry_after_s,
@@ -262,7 +263,8 @@ class GeminiSummarizer:
         if not self.breaker.allow():
             raise SummarizerUnavailable(
                 f"circuit open: the model failed repeatedly, next try in "
-                f"{self.breaker.retry_in_s:.0f}s"
+                f"{self.breaker.retry_in_s:.0f}s",
+                kind="circuit_open",
             )
         try:
             response = await self._generate(prompt)
@@ -278,7 +280,7 @@ class GeminiSummarizer:
                 log.warning(
                     "gemini_circuit_opened", model=self.model, reset_s=self.breaker.reset_timeout_s
                 )
-            raise SummarizerUnavailable(f"gemini: {reason}") from exc
+            raise SummarizerUnavailable(f"gemini: {reason}", failure_kind(exc)) from exc
         self.breaker.record_success()
         latency_ms = (time.perf_counter() - started) * 1000
         text = _answer_text(response)

@@ -120,6 +120,20 @@ def retry_after_s(exc: BaseException, *, now: Callable[[], float] = time.time) -
     return _retry_info_delay(exc.details)
 
 
+def failure_kind(exc: BaseException) -> str:
+    """The failure as one of a few words, for a metric label (bounded, unlike messages)."""
+    if isinstance(exc, errors.APIError):
+        code = exc.code or 0
+        if code == 429:
+            return "rate_limited"
+        return "server_error" if code >= 500 else "client_error"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, OSError):  # refused, reset, unresolved: aiohttp's connection errors too
+        return "unreachable"
+    return "unavailable"
+
+
 def describe(exc: BaseException) -> str:
     """A short, secret-free reason for logs and exceptions."""
     if isinstance(exc, errors.APIError):
