@@ -9,7 +9,6 @@ archives all over again. The database side is one transaction, audit row include
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -21,10 +20,8 @@ from worker.archive.tables import erasures, gaps, quarantine, sessions, summarie
 from worker.config import LayoutName, Settings
 from worker.domain import SessionRef
 from worker.hot.exclusive import holding
-from worker.hot.keys import KeyPattern
+from worker.hot.keys import KeyPattern, glob_escape
 from worker.hot.scanner import scan_keys
-
-_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
 class AmbiguousSession(ValueError):
@@ -67,7 +64,7 @@ async def forget_session(
         archived = await _archived_refs(conn, sessions.c.session_id == session_id)
     if "{app}" in settings.pattern or "{user}" in settings.pattern:
         # The key has parts the id alone does not give (ADK's app and user): look for it.
-        by_id = KeyPattern.compile(settings.pattern, id_glob=_escape(session_id))
+        by_id = KeyPattern.compile(settings.pattern, id_glob=glob_escape(session_id))
         hot: list[SessionRef] = []
         async for batch in scan_keys(redis, by_id, settings.scan_count):
             hot += [r for r in batch if r.session_id == session_id and not _adk_state(settings, r)]
@@ -78,7 +75,8 @@ async def forget_session(
         if any(ref.user is None for ref in hot):
             # The key does not name its user (the list layout): the archive, or the metadata
             # hash, says whose it is. Another user's session is not this erasure's to touch.
-            claimed = {ref.user for ref in archived} | await _metadata_users(redis, settings, hot)
+            owners = await _metadata_owners(redis, settings, hot)
+            claimed = {ref.user for ref in archived} | set(owners)
             if claimed - {None, user_id}:
                 hot = [ref for ref in hot if ref.user is not None]
     elif len({ref.user for ref in archived + hot if ref.user is not None}) > 1:
@@ -221,44 +219,28 @@ async def _archived_refs(conn: AsyncConnection, where: ColumnElement[bool]) -> l
 async def _hot_refs_of_user(redis: Redis, settings: Settings, user_id: str) -> list[SessionRef]:
     """A full SCAN (erasure is rare, and must not miss a session not yet archived)."""
     pattern = KeyPattern.compile(settings.pattern)
-    metadata_pattern = settings.metadata_pattern
     found: list[SessionRef] = []
     async for batch in scan_keys(redis, pattern, settings.scan_count):
         batch = [ref for ref in batch if not _adk_state(settings, ref)]
         found += [ref for ref in batch if ref.user == user_id]
         unnamed = [ref for ref in batch if ref.user is None]
-        if metadata_pattern and unnamed:
-            async with redis.pipeline(transaction=False) as pipe:
-                for ref in unnamed:
-                    pipe.hget(metadata_pattern.replace("{id}", ref.session_id), "user_id")
-                owners = await pipe.execute()
-            found += [
-                ref for ref, owner in zip(unnamed, owners, strict=True) if _is(owner, user_id)
-            ]
+        owners = await _metadata_owners(redis, settings, unnamed)
+        found += [ref for ref, owner in zip(unnamed, owners, strict=True) if owner == user_id]
     return found
 
 
-async def _metadata_users(
+async def _metadata_owners(
     redis: Redis, settings: Settings, refs: list[SessionRef]
-) -> set[str | None]:
-    """The `user_id` the metadata hashes of these sessions name, where there are hashes."""
-    if not settings.metadata_pattern:
-        return set()
+) -> list[str | None]:
+    """The `user_id` each session's metadata hash names (None: no hash, or no such field);
+    one pipeline for them all."""
+    if not settings.metadata_pattern or not refs:
+        return [None] * len(refs)
     async with redis.pipeline(transaction=False) as pipe:
         for ref in refs:
             pipe.hget(settings.metadata_pattern.replace("{id}", ref.session_id), "user_id")
         owners = await pipe.execute()
-    return {
-        owner.decode("utf-8", "replace") if isinstance(owner, bytes) else owner
-        for owner in owners
-        if owner is not None
-    }
-
-
-def _is(owner: object, user_id: str) -> bool:
-    if isinstance(owner, bytes):
-        return owner.decode("utf-8", "replace") == user_id
-    return owner == user_id
+    return [o.decode("utf-8", "replace") if isinstance(o, bytes) else o for o in owners]
 
 
 # ADK keeps a user's own state (`user:` keys: a name, an email) beside the sessions, at
@@ -277,14 +259,10 @@ async def _adk_user_state_keys(redis: Redis, settings: Settings, user_id: str) -
     if settings.layout is not LayoutName.ADK or not app:
         return []
     start = f"{prefix}user_state:"
-    glob = f"{_escape(start)}*:{_escape(user_id)}"
+    glob = f"{glob_escape(start)}*:{glob_escape(user_id)}"
     keys = [
         key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else str(key)
         async for key in redis.scan_iter(match=glob, count=settings.scan_count)
     ]
     # `*` crosses colons: user_state:app:team:bob is user "team:bob"'s, not bob's.
     return [key for key in keys if ":" not in key[len(start) : -len(user_id) - 1]]
-
-
-def _escape(literal: str) -> str:
-    return _GLOB_SPECIAL.sub(r"\\\1", literal)

@@ -20,6 +20,11 @@ class PatternError(ValueError):
     pass
 
 
+def glob_escape(literal: str) -> str:
+    """`literal` as a Redis MATCH pattern that matches it alone."""
+    return _GLOB_SPECIAL.sub(r"\\\1", literal)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyPattern:
     """A compiled key pattern: a SCAN glob, a parser and a formatter."""
@@ -48,13 +53,13 @@ class KeyPattern:
         for match in _PLACEHOLDER.finditer(pattern):
             literal = pattern[pos : match.start()]
             wildcard = id_glob if match.group(1) == "id" else "*"
-            glob_parts.append(_GLOB_SPECIAL.sub(r"\\\1", literal) + wildcard)
+            glob_parts.append(glob_escape(literal) + wildcard)
             # The id may contain anything (the agent chose it); the other parts are one segment.
             group = ".+" if match.group(1) == "id" else "[^:]*"
             regex_parts.append(re.escape(literal) + f"(?P<{match.group(1)}>{group})")
             pos = match.end()
         tail = pattern[pos:]
-        glob_parts.append(_GLOB_SPECIAL.sub(r"\\\1", tail))
+        glob_parts.append(glob_escape(tail))
         regex_parts.append(re.escape(tail))
         return cls(pattern, "".join(glob_parts), re.compile("^" + "".join(regex_parts) + "$", re.S))
 
