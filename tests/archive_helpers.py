@@ -45,6 +45,7 @@ async def archive(
             conn,
             ref,
             layout="list",
+            newest_first=settings.newest_first,
             expected_count=state.turn_count,
             new_turns=list(turns),
             gap_reason=None,

@@ -29,7 +29,7 @@ class Sizes:
 
 def request(session_id: str, turns: Sequence[Turn], expected: int = 0) -> ArchiveRequest:
     ref = SessionRef(session_id, f"gc:{session_id}")
-    return ArchiveRequest(ref, "list", expected, list(turns), None, {"user_id": "u1"})
+    return ArchiveRequest(ref, "list", False, expected, list(turns), None, {"user_id": "u1"})
 
 
 async def test_concurrent_archives_share_batches_and_stay_exact(

@@ -184,6 +184,40 @@ async def test_restore_round_trip_is_recognised_by_the_next_pass(
     assert final[-4:] == later[-4:]
 
 
+async def test_restore_writes_a_list_back_in_the_order_it_was_archived_in(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection, prefix: str
+) -> None:
+    # The daemon keeps LPUSH lists; an operator restores from a shell without its
+    # CONSOLIDATOR_NEWEST_FIRST.
+    daemon = make_settings(
+        newest_first=True, key_pattern=prefix + DEFAULT_KEY_PATTERNS[LayoutName.LIST]
+    )
+    operator = daemon.model_copy(update={"newest_first": False})
+    session_id = f"{prefix}order"
+    async with open_runtime(daemon, summarizer=ExtractiveSummarizer()) as rt:
+        layout = rt.pipeline.layout
+        ref = rt.pattern.parse(rt.pattern.key_for(session_id))
+        assert ref is not None
+        written = [element_for(layout, i) for i in range(10)]
+        await write_hot(redis, layout, ref, written)
+        assert (await rt.pipeline.consolidate(ref)).status == "consolidated"
+        await redis.delete(ref.key)
+
+        result = await restore(rt.redis, rt.engine, operator, session_id, turns=4, ttl_s=900)
+        assert result.status is RestoreStatus.RESTORED
+        assert (await redis.lrange(ref.key, 0, 3)) == list(reversed(written[-4:]))
+        again = await rt.pipeline.consolidate(ref)  # the daemon reads it as it wrote it
+        assert again.turns_archived == 0 and not again.gap, again
+
+        # Archived before the order was recorded: the configuration is all there is to go by.
+        await pg.execute(
+            "UPDATE sessions SET newest_first = NULL WHERE session_id = $1", session_id
+        )
+        await redis.delete(ref.key)
+        await restore(rt.redis, rt.engine, operator, session_id, turns=4, ttl_s=900)
+        assert (await redis.lrange(ref.key, -4, -1)) == written[-4:]
+
+
 async def test_restore_refuses_live_state_unless_forced(
     runtime: Runtime, redis: Redis, pg: asyncpg.Connection
 ) -> None:

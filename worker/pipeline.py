@@ -135,6 +135,7 @@ class Pipeline:
             ArchiveRequest(
                 ref,
                 layout=self.layout.name,
+                newest_first=self.layout.newest_first,
                 expected_count=state.turn_count,
                 new_turns=new_turns,
                 gap_reason=alignment.gap_reason,

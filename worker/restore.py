@@ -60,6 +60,7 @@ class RestoreResult:
 class _Archived:
     ref: SessionRef
     layout: str
+    newest_first: bool | None  # the list's order when archived; None: not recorded
     metadata: dict[str, Any]
     summary_text: str | None
     summary_from: int  # the turns it folded itself (earlier ones through its predecessors)
@@ -94,7 +95,7 @@ async def restore(
     if found.summary_text is None and not found.turns:
         reason = "no summary, and no turn asked for" if turns == 0 else "nothing archived"
         return RestoreResult(RestoreStatus.NOTHING, session_id, reason=reason)
-    layout = _layout(settings, found.layout)
+    layout = _layout(settings, found.layout, found.newest_first)
     wanted = turns
     while wanted is not None and found.left_out and _orphaned_results(layout, found.turns):
         # The first turns put back are results whose calls are left out: a model API refuses
@@ -193,13 +194,18 @@ def _refused(result: RestoreResult, reason: str) -> RestoreResult:
     return RestoreResult(RestoreStatus.REFUSED, result.session_id, key=result.key, reason=reason)
 
 
-def _layout(settings: Settings, name: str) -> Layout:
+def _layout(settings: Settings, name: str, newest_first: bool | None) -> Layout:
+    """The layout the session was archived with, in the order it was archived in: the
+    configuration's CONSOLIDATOR_NEWEST_FIRST only where the archive did not record it."""
     try:
         wanted = LayoutName(name)
     except ValueError as exc:
         raise RestoreError(f"the session was archived with an unknown layout {name!r}") from exc
+    update: dict[str, object] = {"layout": wanted}
+    if newest_first is not None:
+        update["newest_first"] = newest_first
     try:
-        return layout_for(settings.model_copy(update={"layout": wanted}))
+        return layout_for(settings.model_copy(update=update))
     except ValueError as exc:  # the registry's UnknownLayout
         raise RestoreError(str(exc)) from exc
 
@@ -210,6 +216,7 @@ async def _read_archive(conn: AsyncConnection, session_id: str, n: int | None) -
             select(
                 sessions.c.redis_key,
                 sessions.c.layout,
+                sessions.c.newest_first,
                 sessions.c.app_name,
                 sessions.c.user_id,
                 sessions.c.metadata,
@@ -263,6 +270,7 @@ async def _read_archive(conn: AsyncConnection, session_id: str, n: int | None) -
     return _Archived(
         ref,
         row.layout,
+        row.newest_first,
         dict(row.metadata or {}),
         latest.text if latest is not None else None,
         latest.from_seq if latest is not None else 0,

@@ -54,6 +54,7 @@ class ArchiveRequest:
 
     ref: SessionRef
     layout: str
+    newest_first: bool  # the list's order in Redis (restore writes it back the same way)
     expected_count: int
     new_turns: Sequence[Turn]
     gap_reason: str | None
@@ -327,6 +328,7 @@ class GroupCommit:
                 conn,
                 request.ref,
                 layout=request.layout,
+                newest_first=request.newest_first,
                 expected_count=request.expected_count,
                 new_turns=request.new_turns,
                 gap_reason=request.gap_reason,
@@ -433,21 +435,24 @@ _UPSERT_SESSIONS = text(
 WITH v AS (
     SELECT * FROM unnest(
         CAST(:session_ids AS text[]), CAST(:redis_keys AS text[]), CAST(:layouts AS text[]),
-        CAST(:app_names AS text[]), CAST(:user_ids AS text[]), CAST(:agent_ids AS text[]),
-        CAST(:expected AS bigint[]), CAST(:turn_counts AS bigint[]), CAST(:metadata AS text[])
-    ) AS v(session_id, redis_key, layout, app_name, user_id, agent_id, expected, turn_count,
-           metadata)
+        CAST(:newest_first AS boolean[]), CAST(:app_names AS text[]),
+        CAST(:user_ids AS text[]), CAST(:agent_ids AS text[]), CAST(:expected AS bigint[]),
+        CAST(:turn_counts AS bigint[]), CAST(:metadata AS text[])
+    ) AS v(session_id, redis_key, layout, newest_first, app_name, user_id, agent_id, expected,
+           turn_count, metadata)
 ),
 won AS (
     INSERT INTO sessions AS s
-        (session_id, redis_key, layout, app_name, user_id, agent_id, turn_count, metadata)
-    SELECT session_id, redis_key, layout, app_name, user_id, agent_id, turn_count,
+        (session_id, redis_key, layout, newest_first, app_name, user_id, agent_id, turn_count,
+         metadata)
+    SELECT session_id, redis_key, layout, newest_first, app_name, user_id, agent_id, turn_count,
            CAST(metadata AS jsonb)
     FROM v
     ON CONFLICT (session_id) DO UPDATE SET
         turn_count = excluded.turn_count,
         last_seen = now(),
         redis_key = excluded.redis_key,
+        newest_first = excluded.newest_first,
         user_id = coalesce(excluded.user_id, s.user_id),
         agent_id = coalesce(excluded.agent_id, s.agent_id),
         metadata = s.metadata || excluded.metadata
@@ -470,6 +475,7 @@ async def _archive_many(conn: AsyncConnection, requests: list[ArchiveRequest]) -
         "session_ids": [r.ref.session_id for r in ordered],
         "redis_keys": [r.ref.key for r in ordered],
         "layouts": [r.layout for r in ordered],
+        "newest_first": [r.newest_first for r in ordered],
         "app_names": [r.ref.app for r in ordered],
         "user_ids": [r.ref.user or _text(r.metadata.get("user_id")) for r in ordered],
         "agent_ids": [_text(r.metadata.get("agent_id")) for r in ordered],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Computed,
@@ -42,6 +43,9 @@ sessions = Table(
     Column("session_id", Text, primary_key=True),
     Column("redis_key", Text, nullable=False),
     Column("layout", Text, nullable=False),
+    # The list's order in Redis when last archived (LPUSH: true), for restore; NULL when
+    # archived before migration 0003 recorded it.
+    Column("newest_first", Boolean),
     Column("app_name", Text),
     Column("user_id", Text),
     Column("agent_id", Text),
