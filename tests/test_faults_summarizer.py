@@ -46,6 +46,8 @@ from worker.config import Settings
 from worker.domain import SummaryText, Turn
 from worker.runtime import open_runtime
 from worker.summarizers.base import SummarizerUnavailable, SummaryRejected
+from worker.summarizers.extractive import ExtractiveSummarizer
+from worker.summarizers.select import FallbackSummarizer
 from worker.testing.gemini_server import GeminiServer, RecordedRequest, Reply
 
 pytestmark = pytest.mark.fault
@@ -97,7 +99,12 @@ async def test_keep_policy_archives_and_leaves_the_hot_state_as_it_was(
         assert ref is not None
         outcome = await rt.pipeline.consolidate(ref)
         failures = rt.metrics.summary_failures.labels(kind=kind)._value.get()
+        timed = rt.metrics.registry.get_sample_value(
+            "consolidator_model_latency_seconds_count",
+            {"summarizer": "broken", "outcome": "failed"},
+        )
     assert broken.calls == 1
+    assert timed == 1  # the failed call's latency is observed too
     assert outcome.status == "archived" and outcome.turns_archived == 12
     assert "summary failed" in (outcome.reason or "")
     assert failures == 1
@@ -137,6 +144,28 @@ async def test_marker_policy_replaces_folded_turns_by_a_count_of_the_whole_conve
         "SELECT summarizer, through_seq FROM summaries WHERE session_id = $1 ORDER BY id", session
     )
     assert [(r["summarizer"], r["through_seq"]) for r in rows] == [("marker", 7), ("marker", 13)]
+
+
+async def test_a_fallback_summary_still_counts_the_model_failure_it_stands_in_for(
+    make_settings: Callable[..., Settings], redis: Redis, prefix: str
+) -> None:
+    # The agents get the extractive summary; the operator must still see the model failing.
+    summarizer = FallbackSummarizer(BrokenSummarizer(SummarizerUnavailable), ExtractiveSummarizer())
+    async with open_runtime(make_settings(), summarizer=summarizer) as rt:
+        key = rt.pattern.key_for(f"{prefix}fallback")
+        await agents.conversation(redis, key, 12)
+        ref = rt.pattern.parse(key)
+        assert ref is not None
+        outcome = await rt.pipeline.consolidate(ref)
+        value = rt.metrics.registry.get_sample_value
+        failures = value("consolidator_summary_failures_total", {"kind": "unavailable"})
+        failed = value(
+            "consolidator_model_latency_seconds_count",
+            {"summarizer": "broken", "outcome": "failed"},
+        )
+        written = value("consolidator_summaries_total", {"summarizer": "extractive"})
+    assert outcome.status == "consolidated" and outcome.summarizer == "extractive"
+    assert (failures, failed, written) == (1, 1, 1)
 
 
 @pytest.mark.soak

@@ -55,8 +55,8 @@ async def test_metrics_count_a_consolidation(runtime: Runtime, redis: Redis) -> 
     assert found[("consolidator_hot_bytes_saved_total", ())] > 0
     assert found[("consolidator_hot_tokens_saved_total", ())] > 0
     assert found[("consolidator_summaries_total", (("summarizer", "extractive"),))] == 1
-    latency = ("consolidator_model_latency_seconds_count", (("summarizer", "extractive"),))
-    assert found[latency] == 1
+    latency = "consolidator_model_latency_seconds_count"
+    assert found[(latency, (("outcome", "ok"), ("summarizer", "extractive")))] == 1
     # The key had about 5,000 s left when its turns were archived.
     assert found[("consolidator_expiry_left_at_flush_seconds_bucket", (("le", "3600.0"),))] == 0
     assert found[("consolidator_expiry_left_at_flush_seconds_bucket", (("le", "86400.0"),))] == 1

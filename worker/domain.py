@@ -88,6 +88,15 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class SummaryFailure:
+    """One failed attempt at a summary: who failed, how (the metrics' `kind`), how long it took."""
+
+    summarizer: str
+    kind: str
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
 class SummaryText:
     """What a summarizer returns, with the provenance the archive keeps."""
 
@@ -99,6 +108,9 @@ class SummaryText:
     tokens_out: int | None = None
     latency_ms: float = 0.0
     cost_usd: float | None = None
+    # The primary summarizer's failure that this (fallback) summary stands in for: an outage
+    # must still show in the failure metrics when a fallback hides it from the agents.
+    stands_in_for: SummaryFailure | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from worker.domain import Outcome, SummaryText
+from worker.domain import Outcome, SummaryFailure, SummaryText
 from worker.policy import estimate_tokens
 
 # Seconds: a local summarizer answers in milliseconds, a model in about a second, a slow one in
@@ -77,8 +77,8 @@ class Metrics:
         )
         self.model_latency = Histogram(
             "consolidator_model_latency_seconds",
-            "Time the summarizer took for one summary, retries included",
-            ["summarizer"],
+            "Time the summarizer took for one summary, retries included, by whether it gave one",
+            ["summarizer", "outcome"],
             buckets=_MODEL_BUCKETS,
             registry=r,
         )
@@ -140,14 +140,26 @@ class Metrics:
 
     def observe_summary(self, summary: SummaryText) -> None:
         """The summarizer's answer: who wrote it, how long it took, what it cost."""
+        if summary.stands_in_for is not None:
+            self.observe_summary_failure(summary.stands_in_for)
         self.summaries.labels(summarizer=summary.summarizer).inc()
-        self.model_latency.labels(summarizer=summary.summarizer).observe(summary.latency_ms / 1000)
+        self.model_latency.labels(summarizer=summary.summarizer, outcome="ok").observe(
+            summary.latency_ms / 1000
+        )
         if summary.tokens_in:
             self.model_tokens.labels(direction="in").inc(summary.tokens_in)
         if summary.tokens_out:
             self.model_tokens.labels(direction="out").inc(summary.tokens_out)
         if summary.cost_usd:
             self.model_cost.inc(summary.cost_usd)
+
+    def observe_summary_failure(self, failure: SummaryFailure) -> None:
+        """A summary that failed or was rejected: why, and how long it took to fail (a timeout
+        and a refused key look alike in a count, not in a latency)."""
+        self.summary_failures.labels(kind=failure.kind).inc()
+        self.model_latency.labels(summarizer=failure.summarizer, outcome="failed").observe(
+            failure.latency_ms / 1000
+        )
 
     def batch(self, kind: str, size: int, seconds: float, fell_back: bool) -> None:
         """One group-commit round trip to the archive (worker.archive.groupcommit)."""

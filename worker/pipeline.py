@@ -24,7 +24,7 @@ from worker.archive import writer
 from worker.archive.groupcommit import ArchiveRequest, GroupCommit, SummaryRequest
 from worker.archive.writer import ArchivedFrom
 from worker.config import OnSummaryFailure, Settings
-from worker.domain import Outcome, SessionRef, SummaryText, Turn
+from worker.domain import Outcome, SessionRef, SummaryFailure, SummaryText, Turn
 from worker.hot.leases import Lease, claim, still_held
 from worker.hot.scripts import Scripts, Swap
 from worker.hot.store import BadKey, HotStore
@@ -223,12 +223,15 @@ class Pipeline:
     async def _summarize(
         self, previous: str | None, folded: list[Turn], turns_covered: int
     ) -> SummaryText | None:
+        started = time.perf_counter()
         try:
             summary = await self.summarizer.summarize(
                 previous, folded, self.settings.summary_max_chars
             )
         except (SummarizerUnavailable, SummaryRejected) as exc:
-            self.metrics.summary_failures.labels(kind=exc.kind).inc()
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            failure = SummaryFailure(self.summarizer.name, exc.kind, elapsed_ms)
+            self.metrics.observe_summary_failure(failure)
             log.warning("summary_failed", error=str(exc), summarizer=self.summarizer.name)
         else:
             self.metrics.observe_summary(summary)

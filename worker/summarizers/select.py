@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import structlog
 
 from worker.config import Settings, SummarizerName
-from worker.domain import SummaryText, Turn
+from worker.domain import SummaryFailure, SummaryText, Turn
 from worker.summarizers.base import Summarizer, SummarizerUnavailable, SummaryRejected
 from worker.summarizers.extractive import ExtractiveSummarizer
 from worker.summarizers.vertex import vertex_requested
@@ -22,7 +24,8 @@ class SummarizerConfigError(ValueError):
 class FallbackSummarizer:
     """`primary`, and `fallback` whenever the primary is unavailable or its summary rejected.
 
-    The returned SummaryText names the summarizer that actually wrote it.
+    The returned SummaryText names the summarizer that actually wrote it, and carries the
+    primary's failure (`stands_in_for`) for the metrics.
     """
 
     def __init__(self, primary: Summarizer, fallback: Summarizer) -> None:
@@ -33,9 +36,13 @@ class FallbackSummarizer:
     async def summarize(
         self, previous: str | None, turns: Sequence[Turn], max_chars: int
     ) -> SummaryText:
+        started = time.perf_counter()
         try:
             return await self.primary.summarize(previous, turns, max_chars)
         except (SummarizerUnavailable, SummaryRejected) as exc:
+            failure = SummaryFailure(
+                self.primary.name, exc.kind, (time.perf_counter() - started) * 1000
+            )
             log.warning(
                 "summary_fallback",
                 primary=self.primary.name,
@@ -43,7 +50,8 @@ class FallbackSummarizer:
                 reason=str(exc),
                 rejected=isinstance(exc, SummaryRejected),
             )
-            return await self.fallback.summarize(previous, turns, max_chars)
+            summary = await self.fallback.summarize(previous, turns, max_chars)
+            return replace(summary, stands_in_for=failure)
 
     async def aclose(self) -> None:
         try:
