@@ -337,3 +337,25 @@ async def test_evict_archives_then_deletes(
     assert outcome.status == "evicted"
     assert not await redis.exists(key)
     assert await archived(pg, "evict") == written
+
+
+async def test_a_key_in_quarantine_is_counted_once_across_restarts_and_replicas(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    seen, key = [], ""
+    for _ in range(2):  # a restart, or a second replica: a process with fresh counters
+        async with open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt:
+            key = rt.pattern.key_for("bad")
+            if not await redis.exists(key):
+                await redis.rpush(key, agents.element("user", "hi"), b"{not json")
+            ref = rt.pattern.parse(key)
+            assert ref is not None
+            outcome = await rt.pipeline.consolidate(ref)
+            counted = rt.metrics.registry.get_sample_value(
+                "consolidator_sessions_quarantined_total", {"reason": "undecodable"}
+            )
+            seen.append((outcome.status, counted or 0))
+    assert seen == [("quarantined", 1), ("quarantined", 0)]
+    attempts = await pg.fetchval("SELECT attempts FROM quarantine WHERE redis_key = $1", key)
+    assert attempts == 2  # both visits recorded

@@ -62,7 +62,10 @@ class Metrics:
             registry=r,
         )
         self.quarantined = Counter(
-            "consolidator_sessions_quarantined", "Sessions quarantined", ["reason"], registry=r
+            "consolidator_sessions_quarantined",
+            "Keys newly put in quarantine (one already there is not counted again)",
+            ["reason"],
+            registry=r,
         )
         self.cas_conflicts = Counter(
             "consolidator_cas_conflicts",

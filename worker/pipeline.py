@@ -266,8 +266,8 @@ class Pipeline:
     ) -> Outcome:
         if not options.dry_run:
             async with self.engine.begin() as conn:
-                await writer.quarantine_session(conn, ref, reason, detail)
-        self.metrics.quarantined.labels(reason=reason).inc()
+                if await writer.quarantine_session(conn, ref, reason, detail):
+                    self.metrics.quarantined.labels(reason=reason).inc()
         return Outcome(ref.session_id, "quarantined", reason=f"{reason}: {detail[:300]}")
 
 

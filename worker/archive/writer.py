@@ -243,11 +243,13 @@ async def mark_applied(conn: AsyncConnection, applied: Sequence[tuple[str, int]]
 
 async def quarantine_session(
     conn: AsyncConnection, ref: SessionRef, reason: str, detail: str
-) -> None:
+) -> bool:
+    """Record the key in quarantine; True when it was not there yet (every replica and every
+    restart meets a quarantined key again, and only its first record is news)."""
     stmt = pg_insert(quarantine).values(
         redis_key=ref.key, session_id=ref.session_id, reason=reason, detail=detail[:2000]
     )
-    await conn.execute(
+    attempts = await conn.scalar(
         stmt.on_conflict_do_update(
             index_elements=[quarantine.c.redis_key],
             set_={
@@ -256,8 +258,9 @@ async def quarantine_session(
                 "attempts": quarantine.c.attempts + 1,
                 "last_seen": func.now(),
             },
-        )
+        ).returning(quarantine.c.attempts)
     )
+    return bool(attempts == 1)
 
 
 async def release_quarantine(conn: AsyncConnection, key: str) -> None:
