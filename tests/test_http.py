@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
 
 from tests import agents
+from tests.proxy import FaultProxy
 from worker.config import Settings
 from worker.http import serve_metrics
 from worker.runtime import Runtime, open_runtime
@@ -96,3 +99,32 @@ async def test_not_ready_when_redis_does_not_answer(
     assert status == 503
     assert '"redis"' in body and '"postgresql"' not in body
     assert rt.metrics.registry.get_sample_value("consolidator_ready") == 0
+
+
+async def test_not_ready_within_the_probes_timeout_when_postgresql_stops_answering(
+    make_settings: Callable[..., Settings], database_url: str
+) -> None:
+    # A network cut, not a refused connection: nothing answers, nothing is closed.
+    url = make_url(database_url)
+    proxy = FaultProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy.start()
+    try:
+        proxied = url.set(host=proxy.host, port=proxy.port).render_as_string(hide_password=False)
+        settings = make_settings(database_url=proxied)
+        async with (
+            open_runtime(settings, summarizer=ExtractiveSummarizer()) as rt,
+            serve_metrics(rt, 0, host="127.0.0.1") as port,
+        ):
+            assert (await get(port, "/readyz"))[0] == 200  # a pooled connection, now cut off
+            proxy.blackhole()
+            answers = []
+            for _ in range(3):
+                started = time.monotonic()
+                status, body = await get(port, "/readyz")
+                answers.append((status, '"postgresql"' in body, time.monotonic() - started))
+    finally:
+        proxy.close()
+    assert [(status, named) for status, named, _ in answers] == [(503, True)] * 3
+    # Within the 2 s the check allows, with room for a slow machine (the first answer took
+    # 4 s before); an orchestrator counts a later answer as a failed probe.
+    assert max(took for _, _, took in answers) < 3.0, answers
