@@ -82,8 +82,11 @@ class FaultProxy(Started):
         them would, and lets new ones through."""
         self._call(self._swallow())
 
-    def restore(self) -> None:
-        self._call(self._heal())
+    def restore(self, *, reset: bool = True) -> None:
+        """Let traffic through again. `reset=False`: the swallowed connections live on, as when
+        the network comes back before either end gave up on them (what they sent meanwhile
+        stays lost)."""
+        self._call(self._heal(reset))
 
     def close(self) -> None:
         if self._loop is None:
@@ -163,10 +166,11 @@ class FaultProxy(Started):
     async def _swallow(self) -> None:
         self._blackhole = True
 
-    async def _heal(self) -> None:
+    async def _heal(self, reset: bool) -> None:
         if self._blackhole:
             self._blackhole = False
-            await self._sever()  # the swallowed connections are dead: reset them
+            if reset:
+                await self._sever()  # the swallowed connections are dead: reset them
         self._cut = False
 
     async def _shutdown(self) -> None:
