@@ -31,6 +31,9 @@ def _run(connection: Connection) -> None:
     with context.begin_transaction():
         # Only one replica migrates at a time; the others wait, then find nothing to do.
         connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7312001)")
+        # A migration's ALTER waits for a table lock, and every daemon's query on that table
+        # queues behind the wait: give up after 5 s (run it again) rather than stall them.
+        connection.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
         context.run_migrations()
 
 

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from tests import agents
 from tests.conftest import REDIS_URL
 from tests.servers import free_port
+from worker.archive.schema import head_revision
 from worker.config import Settings
 from worker.testing.gemini_server import GeminiServer, Reply
 
@@ -379,7 +380,7 @@ async def test_a_metrics_port_already_taken_is_one_line_and_exit_2(
     assert f"consolidator: metrics port {port}:" in done.stderr and "Traceback" not in done.stderr
 
 
-async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current(
+async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current_or_back(
     make_settings: Callable[..., Settings], database_url: str
 ) -> None:
     name = f"consolidator_cli_{os.getpid()}"
@@ -395,6 +396,41 @@ async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current(
         assert migrated.returncode == 0, migrated.stderr
         ran = await cli(settings, "run", "--once")
         assert ran.returncode == 0, ran.stderr
+
+        # A long transaction holds the table: the migration gives up rather than queue every
+        # daemon's query behind its wait.
+        holder = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE sessions IN ACCESS SHARE MODE")
+                blocked = await cli(settings, "migrate", "--to", "0002")
+        finally:
+            await holder.close()
+        assert blocked.returncode == 1 and "lock timeout" in blocked.stderr, blocked.stderr
+
+        # Before rolling back to the previous version: the schema goes back with this one.
+        back = await cli(settings, "migrate", "--to", "0002")
+        assert (back.returncode, back.stdout) == (0, "schema at 0002\n"), back.stderr
+        db = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            columns = await db.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'sessions'"
+            )
+            assert "newest_first" not in {c["column_name"] for c in columns}
+            assert (await cli(settings, "migrate")).stdout == f"schema at {head_revision(url)}\n"
+            # A schema a newer version made: said as such, and this version's migrate cannot
+            # go there or back.
+            await db.execute("UPDATE alembic_version SET version_num = '0099'")
+            newer = await cli(settings, "run", "--once")
+            assert newer.returncode == 2
+            assert "newer than this version" in newer.stderr
+            assert f"migrate --to {head_revision(url)}" in newer.stderr
+            stuck = await cli(settings, "migrate")
+            assert stuck.returncode == 2 and "newer than this version knows" in stuck.stderr
+            unknown = await cli(settings, "migrate", "--to", "9999")
+            assert unknown.returncode == 2 and "no schema revision '9999'" in unknown.stderr
+        finally:
+            await db.close()
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()

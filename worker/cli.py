@@ -160,17 +160,29 @@ def history(
 
 
 @app.command()
-def migrate() -> None:
+def migrate(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="REVISION",
+            help="Migrate to this revision instead of the newest; one older than the "
+            "database's downgrades it (before rolling back to an older version).",
+        ),
+    ] = "head",
+) -> None:
     """Apply the archive's schema migrations."""
-    from worker.archive.schema import head_revision, upgrade
+    from worker.archive.schema import UnknownRevision, current_revision_of, migrate_to
 
     settings = _settings()
     try:
-        upgrade(settings.database_url)
+        migrate_to(settings.database_url, to, current_revision_of(settings.database_url))
+    except UnknownRevision as exc:
+        _usage_error(f"migrate: {exc}")
     except Exception as exc:
         print(f"consolidator: migrate failed: {exc}", file=sys.stderr)
         raise typer.Exit(1) from exc
-    print(f"schema at {head_revision(settings.database_url)}")
+    print(f"schema at {current_revision_of(settings.database_url)}")
 
 
 @app.command()

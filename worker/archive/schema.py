@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from alembic import command
@@ -9,7 +10,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 _ROOT = Path(__file__).resolve().parents[2]
 # A checkout has them at its top (Alembic's layout); an installed package carries a copy.
@@ -39,6 +41,49 @@ def upgrade(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
+class UnknownRevision(ValueError):
+    pass
+
+
+def migrate_to(database_url: str, target: str, current: str | None) -> None:
+    """Upgrade to `target`, or downgrade to it when the database (at `current`) is past it:
+    how an operator takes the schema back before rolling back to an older version.
+    Blocking: call it outside the event loop."""
+    config = alembic_config(database_url)
+    script = ScriptDirectory.from_config(config)
+    known = [r.revision for r in script.walk_revisions()]  # newest first
+    if target != "head" and target not in known:
+        raise UnknownRevision(f"no schema revision {target!r} here (known: {', '.join(known)})")
+    if current is not None and current not in known:
+        raise UnknownRevision(
+            f"the database's schema {current} is newer than this version knows: migrate it with "
+            "the version that made it"
+        )
+    if target != "head" and current is not None and known.index(target) > known.index(current):
+        command.downgrade(config, target)
+    else:
+        command.upgrade(config, target)
+
+
+def outdated_message(found: str | None, wanted: str | None, database_url: str) -> str:
+    """What an operator reads when the schema is not the one this version needs."""
+    known = {
+        r.revision
+        for r in ScriptDirectory.from_config(alembic_config(database_url)).walk_revisions()
+    }
+    if found is not None and found not in known:
+        # A newer version migrated it: this one's `migrate` cannot go there or back.
+        return (
+            f"database schema is at {found}, newer than this version (which needs {wanted}): "
+            f"run the newer version, or take the schema back first with the newer version's "
+            f"`consolidator migrate --to {wanted}`"
+        )
+    return (
+        f"database schema is at {found or 'nothing'}, this version needs {wanted}: "
+        "run `consolidator migrate`"
+    )
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     async with engine.connect() as conn:
         try:
@@ -48,11 +93,21 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return result.scalar_one_or_none()
 
 
+def current_revision_of(database_url: str) -> str | None:
+    """The database's schema revision, from outside an event loop (the command line's)."""
+
+    async def read() -> str | None:
+        engine = create_async_engine(database_url, poolclass=NullPool)
+        try:
+            return await current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
 async def ensure_current(engine: AsyncEngine, database_url: str) -> None:
     found = await current_revision(engine)
     wanted = head_revision(database_url)
     if found != wanted:
-        raise SchemaOutdated(
-            f"database schema is at {found or 'nothing'}, this version needs {wanted}: "
-            "run `consolidator migrate`"
-        )
+        raise SchemaOutdated(outdated_message(found, wanted, database_url))
