@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from sqlalchemy.engine import make_url
 from tests import agents
 from tests.proxy import FaultProxy
 from worker.config import Settings
-from worker.http import serve_metrics
+from worker.http import ReadinessCheck, serve_metrics
 from worker.runtime import Runtime, open_runtime
 from worker.summarizers.extractive import ExtractiveSummarizer
 
@@ -84,6 +85,27 @@ async def test_health_and_readiness_when_servers_answer(runtime: Runtime) -> Non
         status, body = await get(port, "/readyz")
     assert (status, body) == (200, '{"status": "ready"}')
     assert runtime.metrics.registry.get_sample_value("consolidator_ready") == 1
+
+
+async def test_overlapping_probes_each_get_their_own_checks_answer() -> None:
+    # Probe B arrives after A's check ended and before A resumed: B starts the next check.
+    # A must still answer from its own (it read B's, unfinished, and the handler failed: 500).
+    ended = asyncio.Event()
+    calls = 0
+
+    async def check() -> None:
+        nonlocal calls
+        calls += 1
+        await (ended.wait() if calls == 1 else asyncio.sleep(0.5))
+
+    shared = ReadinessCheck(check)
+    a = asyncio.create_task(shared.problem())
+    await asyncio.sleep(0.01)
+    ended.set()
+    await asyncio.sleep(0)  # A's check is done; A has not resumed yet
+    b = asyncio.create_task(shared.problem())
+    assert list(await asyncio.gather(a, b)) == [None, None]
+    assert calls == 2
 
 
 async def test_not_ready_when_redis_does_not_answer(

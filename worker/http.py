@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 READY_TIMEOUT_S = 1.5
 
 
-class _Check:
+class ReadinessCheck:
     """One readiness check of one server, answered within `READY_TIMEOUT_S`.
 
     A pooled connection that the network cut off took as long again as the timeout to be
@@ -78,7 +78,7 @@ def make_app(rt: Runtime) -> web.Application:
         async with rt.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
-    checks = {"redis": _Check(rt.redis.ping), "postgresql": _Check(select_one)}
+    checks = {"redis": ReadinessCheck(rt.redis.ping), "postgresql": ReadinessCheck(select_one)}
 
     async def readyz(_: web.Request) -> web.Response:
         # Both at once: the answer takes the slower one's time, not the sum.
