@@ -43,7 +43,8 @@ from tests.chaos import (
 )
 from tests.servers import free_port
 from worker.config import Settings
-from worker.domain import SummaryText, Turn
+from worker.domain import SummaryFailure, SummaryText, Turn
+from worker.metrics import Metrics
 from worker.runtime import open_runtime
 from worker.summarizers.base import SummarizerUnavailable, SummaryRejected
 from worker.summarizers.extractive import ExtractiveSummarizer
@@ -166,6 +167,45 @@ async def test_a_fallback_summary_still_counts_the_model_failure_it_stands_in_fo
         written = value("consolidator_summaries_total", {"summarizer": "extractive"})
     assert outcome.status == "consolidated" and outcome.summarizer == "extractive"
     assert (failures, failed, written) == (1, 1, 1)
+
+
+async def test_when_the_fallback_fails_too_each_failure_counts_as_its_own(
+    make_settings: Callable[..., Settings], redis: Redis, prefix: str
+) -> None:
+    model, fallback = BrokenSummarizer(SummarizerUnavailable), BrokenSummarizer(SummaryRejected)
+    fallback.name = "backup"
+    settings = make_settings(on_summary_failure="keep")
+    async with open_runtime(settings, summarizer=FallbackSummarizer(model, fallback)) as rt:
+        key = rt.pattern.key_for(f"{prefix}both")
+        await agents.conversation(redis, key, 12)
+        ref = rt.pattern.parse(key)
+        assert ref is not None
+        outcome = await rt.pipeline.consolidate(ref)
+        value = rt.metrics.registry.get_sample_value
+        failures = [
+            value("consolidator_summary_failures_total", {"kind": kind})
+            for kind in ("unavailable", "rejected")
+        ]
+        timed = [
+            value(
+                "consolidator_model_latency_seconds_count",
+                {"summarizer": name, "outcome": "failed"},
+            )
+            for name in ("broken", "backup")
+        ]
+    assert outcome.status == "archived"
+    assert (failures, timed) == ([1, 1], [1, 1])
+
+
+def test_a_call_the_open_circuit_refused_is_counted_but_not_timed() -> None:
+    metrics = Metrics()
+    metrics.observe_summary_failure(SummaryFailure("gemini", "circuit_open", 0.01))
+    metrics.observe_summary_failure(SummaryFailure("gemini", "timeout", 30_000))
+    value = metrics.registry.get_sample_value
+    assert value("consolidator_summary_failures_total", {"kind": "circuit_open"}) == 1
+    latency = {"summarizer": "gemini", "outcome": "failed"}
+    assert value("consolidator_model_latency_seconds_count", latency) == 1  # the timeout only
+    assert value("consolidator_model_latency_seconds_sum", latency) == 30
 
 
 @pytest.mark.soak

@@ -17,6 +17,8 @@ from worker.policy import estimate_tokens
 # Seconds: a local summarizer answers in milliseconds, a model in about a second, a slow one in
 # tens of seconds (its timeout).
 _MODEL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+# Failures refused before any call (the circuit breaker open): counted, but not timed.
+_NO_CALL_MADE = frozenset({"circuit_open"})
 _BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -96,7 +98,8 @@ class Metrics:
         )
         self.summary_failures = Counter(
             "consolidator_summary_failures",
-            "Summaries that failed (model unavailable, errors) or were rejected",
+            "Summary attempts that failed (model unavailable, errors) or were rejected; with a "
+            "fallback, the model's and the fallback's each count",
             ["kind"],
             registry=r,
         )
@@ -160,6 +163,8 @@ class Metrics:
         """A summary that failed or was rejected: why, and how long it took to fail (a timeout
         and a refused key look alike in a count, not in a latency)."""
         self.summary_failures.labels(kind=failure.kind).inc()
+        if failure.kind in _NO_CALL_MADE:
+            return  # its near-zero time would read as a fast model
         self.model_latency.labels(summarizer=failure.summarizer, outcome="failed").observe(
             failure.latency_ms / 1000
         )

@@ -230,8 +230,9 @@ class Pipeline:
             )
         except (SummarizerUnavailable, SummaryRejected) as exc:
             elapsed_ms = (time.perf_counter() - started) * 1000
-            failure = SummaryFailure(self.summarizer.name, exc.kind, elapsed_ms)
-            self.metrics.observe_summary_failure(failure)
+            alone = SummaryFailure(self.summarizer.name, exc.kind, elapsed_ms)
+            for failure in exc.failures or (alone,):
+                self.metrics.observe_summary_failure(failure)
             log.warning("summary_failed", error=str(exc), summarizer=self.summarizer.name)
         else:
             self.metrics.observe_summary(summary)

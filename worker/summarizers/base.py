@@ -6,23 +6,30 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-from worker.domain import SummaryText, Turn
+from worker.domain import SummaryFailure, SummaryText, Turn
 
 
-class SummaryRejected(Exception):
+class SummaryFailed(Exception):
+    """A summary that did not come: the base of the two ways it fails."""
+
+    kind = "unavailable"  # the label of consolidator_summary_failures_total
+    # Every failed attempt of this call, each timed, when the summarizer tried more than one
+    # (FallbackSummarizer: the model's, then the fallback's); empty when this one is all.
+    failures: tuple[SummaryFailure, ...] = ()
+
+
+class SummaryRejected(SummaryFailed):
     """The summarizer answered, but the answer must not replace the turns (empty, refusal...)."""
 
-    kind = "rejected"  # the label of consolidator_summary_failures_total
+    kind = "rejected"
 
 
-class SummarizerUnavailable(Exception):
+class SummarizerUnavailable(SummaryFailed):
     """The summarizer could not answer now (model down, circuit open, timeout).
 
     `kind`, one of a few words (timeout, rate_limited, server_error, client_error,
     unreachable, circuit_open, unavailable), labels the failure in the metrics: an operator
     must tell a quota from an outage without reading the logs."""
-
-    kind = "unavailable"
 
     def __init__(self, message: str, kind: str | None = None) -> None:
         super().__init__(message)

@@ -40,9 +40,7 @@ class FallbackSummarizer:
         try:
             return await self.primary.summarize(previous, turns, max_chars)
         except (SummarizerUnavailable, SummaryRejected) as exc:
-            failure = SummaryFailure(
-                self.primary.name, exc.kind, (time.perf_counter() - started) * 1000
-            )
+            failure = SummaryFailure(self.primary.name, exc.kind, _ms_since(started))
             log.warning(
                 "summary_fallback",
                 primary=self.primary.name,
@@ -50,14 +48,26 @@ class FallbackSummarizer:
                 reason=str(exc),
                 rejected=isinstance(exc, SummaryRejected),
             )
+        started = time.perf_counter()
+        try:
             summary = await self.fallback.summarize(previous, turns, max_chars)
-            return replace(summary, stands_in_for=failure)
+        except (SummarizerUnavailable, SummaryRejected) as exc:
+            exc.failures = (
+                failure,
+                SummaryFailure(self.fallback.name, exc.kind, _ms_since(started)),
+            )
+            raise
+        return replace(summary, stands_in_for=failure)
 
     async def aclose(self) -> None:
         try:
             await self.primary.aclose()
         finally:
             await self.fallback.aclose()
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
 
 
 def choose(settings: Settings) -> tuple[SummarizerName, str]:
