@@ -284,6 +284,35 @@ async def test_newest_first_lists_are_consolidated_in_their_own_order(
     assert hot[:-1] == [late, *reversed(written[-3:])]
 
 
+async def test_a_list_read_in_the_wrong_order_is_quarantined_not_archived_again(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    agents_order = make_settings(newest_first=True)
+    shell = agents_order.model_copy(update={"newest_first": False})  # an operator's, unset
+    written = [agents.element("user" if i % 2 else "assistant", f"t{i}") for i in range(9)]
+    async with open_runtime(agents_order, summarizer=ExtractiveSummarizer()) as rt:
+        key = rt.pattern.key_for("order")
+        ref = rt.pattern.parse(key)
+        assert ref is not None
+        for raw in written:
+            await redis.lpush(key, raw)
+        assert (await rt.pipeline.consolidate(ref)).status == "consolidated"
+    lean = await redis.lrange(key, 0, -1)
+    await redis.lpush(key, late := agents.element("user", "late"))
+
+    async with open_runtime(shell, summarizer=ExtractiveSummarizer()) as rt:
+        misread = await rt.pipeline.consolidate(ref)
+    assert misread.status == "quarantined" and "list_order" in (misread.reason or ""), misread
+    assert await redis.lrange(key, 0, -1) == [late, *lean]  # left as it is
+    assert await archived(pg, "order") == written  # nothing archived again, reversed
+
+    async with open_runtime(agents_order, summarizer=ExtractiveSummarizer()) as rt:
+        again = await rt.pipeline.consolidate(ref)
+    assert again.turns_archived == 1 and not again.gap, again
+    assert await archived(pg, "order") == [*written, late]
+    assert await pg.fetchval("SELECT count(*) FROM quarantine WHERE redis_key = $1", key) == 0
+
+
 async def test_tool_call_and_its_result_stay_on_one_side_of_the_cut(
     runtime: Runtime, redis: Redis
 ) -> None:

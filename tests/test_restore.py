@@ -204,7 +204,7 @@ async def test_restore_writes_a_list_back_in_the_order_it_was_archived_in(
         await redis.delete(ref.key)
 
         result = await restore(rt.redis, rt.engine, operator, session_id, turns=4, ttl_s=900)
-        assert result.status is RestoreStatus.RESTORED
+        assert result.status is RestoreStatus.RESTORED and not result.order_assumed
         assert (await redis.lrange(ref.key, 0, 3)) == list(reversed(written[-4:]))
         again = await rt.pipeline.consolidate(ref)  # the daemon reads it as it wrote it
         assert again.turns_archived == 0 and not again.gap, again
@@ -214,8 +214,17 @@ async def test_restore_writes_a_list_back_in_the_order_it_was_archived_in(
             "UPDATE sessions SET newest_first = NULL WHERE session_id = $1", session_id
         )
         await redis.delete(ref.key)
-        await restore(rt.redis, rt.engine, operator, session_id, turns=4, ttl_s=900)
+        assumed = await cli(operator, "restore", session_id, "--turns", "4")
+        assert assumed.returncode == 0, assumed.stderr
+        assert "does not record this list's order" in assumed.stderr
+        assert "oldest first (RPUSH)" in assumed.stderr
         assert (await redis.lrange(ref.key, -4, -1)) == written[-4:]
+        # That was not the agents' order: the daemon says so instead of archiving it again.
+        misread = await rt.pipeline.consolidate(ref)
+        assert misread.status == "quarantined" and "list_order" in (misread.reason or "")
+        assert (
+            await pg.fetchval("SELECT turn_count FROM sessions WHERE session_id = $1", session_id)
+        ) == 10
 
 
 async def test_restore_refuses_live_state_unless_forced(

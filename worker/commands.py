@@ -552,6 +552,14 @@ async def restore_main(
             "restore without --turns to include them",
             file=sys.stderr,
         )
+    if result.order_assumed:
+        order = "newest first (LPUSH)" if settings.newest_first else "oldest first (RPUSH)"
+        print(
+            f"note: the archive does not record this list's order (archived before schema 0003); "
+            f"written {order}, as CONSOLIDATOR_NEWEST_FIRST here says: it must be the agents' "
+            "order (the daemon quarantines a list it finds reversed rather than misread it)",
+            file=sys.stderr,
+        )
     return 0
 
 

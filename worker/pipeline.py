@@ -30,7 +30,7 @@ from worker.hot.scripts import Scripts, Swap
 from worker.hot.store import BadKey, HotStore
 from worker.layouts.base import DecodeError, Layout, decode_turns
 from worker.metrics import Metrics
-from worker.policy import align, choose_cut, estimate_tokens
+from worker.policy import align, choose_cut, estimate_tokens, reads_backwards
 from worker.summarizers.base import Summarizer, SummarizerUnavailable, SummaryRejected
 
 log = structlog.get_logger(__name__)
@@ -109,6 +109,13 @@ class Pipeline:
         state = await self.archive.read_state(ref.session_id, hot_turns[0].raw, len(shas))
         if clash := await self._other_owner(ref, state.origin):
             return await self._quarantine(ref, "id_collision", clash, options)
+        if reads_backwards(shas, state.tail):
+            kept = "newest first (LPUSH)" if self.layout.newest_first else "oldest first (RPUSH)"
+            detail = (
+                f"read {kept} as configured, the list holds its archived turns in reverse: "
+                "check CONSOLIDATOR_NEWEST_FIRST against the agents' library; left as it is"
+            )
+            return await self._quarantine(ref, "list_order", detail, options)
         # The snapshot and the archive state must describe the same session: a worker that
         # stalled past its lease (a pause, a starved CPU) may hold a snapshot read before another
         # worker archived and folded the session, and would take its stale turns for new ones.
@@ -267,8 +274,9 @@ class Pipeline:
     ) -> Outcome:
         if not options.dry_run:
             async with self.engine.begin() as conn:
-                if await writer.quarantine_session(conn, ref, reason, detail):
-                    self.metrics.quarantined.labels(reason=reason).inc()
+                first = await writer.quarantine_session(conn, ref, reason, detail)
+            if first:  # counted once committed: a failed commit is met, and counted, again
+                self.metrics.quarantined.labels(reason=reason).inc()
         return Outcome(ref.session_id, "quarantined", reason=f"{reason}: {detail[:300]}")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from worker.domain import Trigger, Turn
 
@@ -71,6 +72,26 @@ def align(
         # trimmed (or replaced) turns we never saw. Record the gap instead of gluing over it.
         return Alignment(k, 0, turn_count, gap_reason="hot state does not continue the archive")
     return Alignment(k, 0, turn_count)
+
+
+# Archived turns a hot state must show, all in reverse, before it is taken for a list read in
+# the wrong order: two could be an agent repeating itself word for word.
+_BACKWARDS_EVIDENCE = 3
+
+
+def reads_backwards(shas: Sequence[bytes], archived_tail: Mapping[int, bytes]) -> bool:
+    """Whether the hot elements, in the order read, hold their archived turns newest first:
+    a list kept with LPUSH read as an RPUSH one, or the reverse (CONSOLIDATOR_NEWEST_FIRST
+    not the agents' order). Read so, archived turns look new and are archived again, reversed.
+
+    Only digests that occur once in the tail count; at least three, in strictly falling seq
+    order and none rising, are needed."""
+    seq_of: dict[bytes, int | None] = {}
+    for seq, sha in archived_tail.items():
+        seq_of[sha] = None if sha in seq_of else seq
+    found = (seq_of.get(sha) for sha in shas)
+    seqs = [seq for seq in found if seq is not None]
+    return len(seqs) >= _BACKWARDS_EVIDENCE and all(a > b for a, b in pairwise(seqs))
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,9 @@ class RestoreResult:
     left_out: int = 0
     ttl_s: int | None = None
     reason: str | None = None
+    # A list whose order the archive did not record (archived before migration 0003): written
+    # in the order this configuration says, which may not be the agents'.
+    order_assumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,7 @@ async def restore(
         summary_through=found.summary_through if summary_elements else None,
         left_out=found.left_out,
         ttl_s=ttl_s,
+        order_assumed=found.newest_first is None and layout.name == LayoutName.LIST.value,
     )
     ttl_ms = ttl_s * 1000
     lease_ms = int(settings.lease_ttl_s * 1000)
