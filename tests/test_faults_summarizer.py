@@ -270,6 +270,10 @@ async def test_gemini_down_then_back_under_a_running_daemon(tmp_path: Path) -> N
             failures = await daemon.metric(
                 "consolidator_summary_failures_total", kind="server_error"
             )
+            # While it is open, the breaker refuses calls without making them.
+            refused = await daemon.metric(
+                "consolidator_summary_failures_total", kind="circuit_open"
+            )
             failing = False
             recovered = await wait_until(
                 lambda: more_than(model_summaries, 2), 60, "the model's summaries again"
@@ -289,7 +293,8 @@ async def test_gemini_down_then_back_under_a_running_daemon(tmp_path: Path) -> N
                     duplicates=result.duplicates,
                     outage=f"model {down_s:.0f} s",
                     seen=(
-                        f"{await markers()} markers, {int(failures)} summary failures, "
+                        f"{await markers()} markers; summary failures: {int(failures)} "
+                        f"server errors, {int(refused)} refused by the open circuit; "
                         f"model summaries again {recovered:.1f} s after it recovered"
                     ),
                 )
