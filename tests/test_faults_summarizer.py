@@ -43,9 +43,9 @@ from tests.chaos import (
 )
 from tests.servers import free_port
 from worker.config import Settings
-from worker.domain import SummaryFailure, SummaryText, Turn
+from worker.domain import Outcome, SummaryFailure, SummaryText, Turn
 from worker.metrics import Metrics
-from worker.runtime import open_runtime
+from worker.runtime import Runtime, open_runtime
 from worker.summarizers.base import SummarizerUnavailable, SummaryRejected
 from worker.summarizers.extractive import ExtractiveSummarizer
 from worker.summarizers.select import FallbackSummarizer
@@ -147,17 +147,22 @@ async def test_marker_policy_replaces_folded_turns_by_a_count_of_the_whole_conve
     assert [(r["summarizer"], r["through_seq"]) for r in rows] == [("marker", 7), ("marker", 13)]
 
 
+async def consolidate_a_conversation(rt: Runtime, redis: Redis, session: str) -> Outcome:
+    """12 turns written by an agent, then one pass over them."""
+    key = rt.pattern.key_for(session)
+    await agents.conversation(redis, key, 12)
+    ref = rt.pattern.parse(key)
+    assert ref is not None
+    return await rt.pipeline.consolidate(ref)
+
+
 async def test_a_fallback_summary_still_counts_the_model_failure_it_stands_in_for(
     make_settings: Callable[..., Settings], redis: Redis, prefix: str
 ) -> None:
     # The agents get the extractive summary; the operator must still see the model failing.
     summarizer = FallbackSummarizer(BrokenSummarizer(SummarizerUnavailable), ExtractiveSummarizer())
     async with open_runtime(make_settings(), summarizer=summarizer) as rt:
-        key = rt.pattern.key_for(f"{prefix}fallback")
-        await agents.conversation(redis, key, 12)
-        ref = rt.pattern.parse(key)
-        assert ref is not None
-        outcome = await rt.pipeline.consolidate(ref)
+        outcome = await consolidate_a_conversation(rt, redis, f"{prefix}fallback")
         value = rt.metrics.registry.get_sample_value
         failures = value("consolidator_summary_failures_total", {"kind": "unavailable"})
         failed = value(
@@ -176,11 +181,7 @@ async def test_when_the_fallback_fails_too_each_failure_counts_as_its_own(
     fallback.name = "backup"
     settings = make_settings(on_summary_failure="keep")
     async with open_runtime(settings, summarizer=FallbackSummarizer(model, fallback)) as rt:
-        key = rt.pattern.key_for(f"{prefix}both")
-        await agents.conversation(redis, key, 12)
-        ref = rt.pattern.parse(key)
-        assert ref is not None
-        outcome = await rt.pipeline.consolidate(ref)
+        outcome = await consolidate_a_conversation(rt, redis, f"{prefix}both")
         value = rt.metrics.registry.get_sample_value
         failures = [
             value("consolidator_summary_failures_total", {"kind": kind})

@@ -305,15 +305,21 @@ async def test_restore_of_an_unknown_session_fails(runtime: Runtime, redis: Redi
     assert bad.returncode == 2
 
 
-async def test_restore_records_its_summary_as_applied(
-    runtime: Runtime, redis: Redis, pg: asyncpg.Connection
-) -> None:
-    key = runtime.pattern.key_for("r-rec")
+async def consolidated_then_expired(runtime: Runtime, redis: Redis, session_id: str) -> str:
+    """10 turns written, consolidated, then the key gone (expired): what restore starts from."""
+    key = runtime.pattern.key_for(session_id)
     await agents.conversation(redis, key, 10)
     ref = runtime.pattern.parse(key)
     assert ref is not None
     await runtime.pipeline.consolidate(ref)
     await redis.delete(key)
+    return key
+
+
+async def test_restore_records_its_summary_as_applied(
+    runtime: Runtime, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    key = await consolidated_then_expired(runtime, redis, "r-rec")
     result = await restore(
         runtime.redis, runtime.engine, runtime.settings, "r-rec", turns=4, ttl_s=60
     )
@@ -366,13 +372,8 @@ async def test_a_restored_marker_stays_a_marker_for_retention(
 ) -> None:
     # A marker ("N earlier turns archived") carries nothing of its turns: retention keeps them,
     # and must go on keeping them once the marker is restored.
-    key = runtime.pattern.key_for("r-marker")
-    await agents.conversation(redis, key, 10)
-    ref = runtime.pattern.parse(key)
-    assert ref is not None
-    await runtime.pipeline.consolidate(ref)
+    await consolidated_then_expired(runtime, redis, "r-marker")
     await pg.execute("UPDATE summaries SET summarizer = 'marker' WHERE session_id = 'r-marker'")
-    await redis.delete(key)
 
     done = await restore(
         runtime.redis, runtime.engine, runtime.settings, "r-marker", turns=None, ttl_s=60

@@ -41,6 +41,11 @@ def upgrade(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
+def _known_revisions(config: Config) -> list[str]:
+    """The revisions this version carries, newest first."""
+    return [r.revision for r in ScriptDirectory.from_config(config).walk_revisions()]
+
+
 class UnknownRevision(ValueError):
     pass
 
@@ -50,8 +55,7 @@ def migrate_to(database_url: str, target: str, current: str | None) -> None:
     how an operator takes the schema back before rolling back to an older version.
     Blocking: call it outside the event loop."""
     config = alembic_config(database_url)
-    script = ScriptDirectory.from_config(config)
-    known = [r.revision for r in script.walk_revisions()]  # newest first
+    known = _known_revisions(config)
     if target != "head" and target not in known:
         raise UnknownRevision(f"no schema revision {target!r} here (known: {', '.join(known)})")
     if current is not None and current not in known:
@@ -67,10 +71,7 @@ def migrate_to(database_url: str, target: str, current: str | None) -> None:
 
 def outdated_message(found: str | None, wanted: str | None, database_url: str) -> str:
     """What an operator reads when the schema is not the one this version needs."""
-    known = {
-        r.revision
-        for r in ScriptDirectory.from_config(alembic_config(database_url)).walk_revisions()
-    }
+    known = _known_revisions(alembic_config(database_url))
     if found is not None and found not in known:
         # A newer version migrated it: this one's `migrate` cannot go there or back.
         return (
