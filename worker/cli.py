@@ -277,16 +277,30 @@ def restore(
     force: Annotated[
         bool, typer.Option("--force", help="Replace the session's live state if it has any.")
     ] = False,
+    quarantined: Annotated[
+        bool,
+        typer.Option(
+            "--quarantined",
+            help="Put back the session's quarantined keys as they were when last seen, from "
+            "the copies their quarantine records keep.",
+        ),
+    ] = False,
 ) -> None:
     """Put an archived session back into Redis: its latest summary and last turns."""
-    from worker.commands import restore_main
+    from worker.commands import restore_main, restore_quarantined_main
 
     if turns is not None and turns < 0:
         _usage_error("restore: --turns cannot be negative")
+    if quarantined and turns is not None:
+        _usage_error("restore: --quarantined puts back whole keys; it takes no --turns")
     if not 1 <= ttl <= MAX_RESTORE_TTL_S:
         # Checked here: Redis refuses an expiry past its range only after the key is rewritten.
         _usage_error(f"restore: --ttl must be 1 to {MAX_RESTORE_TTL_S} seconds (10 years)")
     settings = _settings()
+    if quarantined:
+        raise typer.Exit(
+            _run(lambda: restore_quarantined_main(settings, session_id, ttl_s=ttl, force=force))
+        )
     raise typer.Exit(
         _run(lambda: restore_main(settings, session_id, turns=turns, ttl_s=ttl, force=force))
     )

@@ -409,6 +409,13 @@ async def stats_main(settings: Settings, *, as_json: bool) -> int:
         detail = " ".join(q.detail.split())[:120]
         print(f"  {q.redis_key}  {q.reason}: {detail}  (attempts {q.attempts})")
         print(f"    retry: {_retry_command(q.session_id)}")
+        if q.saved_bytes is not None:
+            print(
+                f"    copy: {q.saved_bytes} bytes, saved {q.saved_at:%Y-%m-%d %H:%M:%S %Z}; if "
+                f"the key is gone: consolidator restore {shlex.quote(q.session_id)} --quarantined"
+            )
+        else:
+            print("    copy: none (too large to read, or not read since schema 0004)")
     if quarantined:
         print("  fix the key in Redis, then retry: the session leaves quarantine once it reads")
     return 0
@@ -561,6 +568,50 @@ async def restore_main(
             file=sys.stderr,
         )
     return 0
+
+
+async def restore_quarantined_main(
+    settings: Settings, session_id: str, *, ttl_s: int, force: bool
+) -> int:
+    from worker.hot.exclusive import LeaseBusy
+    from worker.quarantined import PutBackError, PutBackStatus, restore_quarantined
+
+    async with _archive_clients(settings) as clients:
+        if clients is None:
+            return 2
+        redis, engine = clients
+        try:
+            done = await restore_quarantined(
+                redis, engine, settings, session_id, ttl_s=ttl_s, force=force
+            )
+        except (PutBackError, LeaseBusy) as exc:
+            print(f"consolidator: restore: {exc}", file=sys.stderr)
+            return 1
+    if not done:
+        print(f"consolidator: nothing quarantined for session {session_id!r}", file=sys.stderr)
+        return 1
+    for put in done:
+        if put.status is PutBackStatus.RESTORED:
+            when = f", saved {put.saved_at:%Y-%m-%d %H:%M:%S %Z}" if put.saved_at else ""
+            print(f"restored {put.key} ({put.reason}): {put.size} bytes{when}; TTL {ttl_s}s")
+        elif put.status is PutBackStatus.REFUSED:
+            print(
+                f"consolidator: restore refused: {put.key} exists; --force replaces it",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"consolidator: no copy kept of {put.key} ({put.reason}): too large to read "
+                "when quarantined, or quarantined before schema 0004 and not seen since",
+                file=sys.stderr,
+            )
+    if any(put.status is PutBackStatus.RESTORED for put in done):
+        print(
+            "note: a restored key is as it was when quarantined: fix what its reason says, "
+            f"then {_retry_command(session_id)}",
+            file=sys.stderr,
+        )
+    return 0 if all(put.status is PutBackStatus.RESTORED for put in done) else 1
 
 
 async def forget_main(settings: Settings, *, session_id: str | None, user_id: str | None) -> int:

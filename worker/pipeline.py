@@ -95,7 +95,7 @@ class Pipeline:
         try:
             stored = await self.store.read(ref)
         except BadKey as bad:
-            return await self._quarantine(ref, bad.reason, bad.detail, options)
+            return await self._quarantine(ref, bad.reason, bad.detail, options, save=bad.small)
         if stored is None or not stored.snapshot.elements:
             return Outcome(ref.session_id, "unchanged", reason=NO_HOT_STATE)
         snap = stored.snapshot
@@ -270,11 +270,14 @@ class Pipeline:
         )
 
     async def _quarantine(
-        self, ref: SessionRef, reason: str, detail: str, options: Options
+        self, ref: SessionRef, reason: str, detail: str, options: Options, save: bool = True
     ) -> Outcome:
         if not options.dry_run:
+            # A quarantined session is not archived: without a copy, its key's expiry would
+            # take every turn with it, the good ones too. DUMP keeps any type byte for byte.
+            saved = await self.redis.dump(ref.key) if save else None
             async with self.engine.begin() as conn:
-                first = await writer.quarantine_session(conn, ref, reason, detail)
+                first = await writer.quarantine_session(conn, ref, reason, detail, saved)
             if first:  # counted once committed: a failed commit is met, and counted, again
                 self.metrics.quarantined.labels(reason=reason).inc()
         return Outcome(ref.session_id, "quarantined", reason=f"{reason}: {detail[:300]}")

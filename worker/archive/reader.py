@@ -51,6 +51,8 @@ class QuarantinedKey:
     detail: str
     attempts: int
     last_seen: datetime
+    saved_bytes: int | None  # the size of the key's saved copy (DUMP), None without one
+    saved_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,8 @@ class ArchiveReader:
                         quarantine.c.detail,
                         quarantine.c.attempts,
                         quarantine.c.last_seen,
+                        func.octet_length(quarantine.c.saved_value),
+                        quarantine.c.saved_at,
                     )
                     .order_by(quarantine.c.last_seen.desc())
                     .limit(limit)

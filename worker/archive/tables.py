@@ -133,6 +133,11 @@ quarantine = Table(
     Column("attempts", Integer, nullable=False, server_default="1"),
     Column("first_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_seen", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The key's value as Redis DUMPs it, when last seen changed: a quarantined session is not
+    # archived, and this keeps it past the key's expiry (`restore --quarantined`).
+    Column("saved_value", LargeBinary),
+    Column("saved_sha256", LargeBinary),
+    Column("saved_at", DateTime(timezone=True)),
     Index(None, "session_id"),
 )
 

@@ -242,13 +242,28 @@ async def mark_applied(conn: AsyncConnection, applied: Sequence[tuple[str, int]]
 
 
 async def quarantine_session(
-    conn: AsyncConnection, ref: SessionRef, reason: str, detail: str
+    conn: AsyncConnection, ref: SessionRef, reason: str, detail: str, saved: bytes | None = None
 ) -> bool:
     """Record the key in quarantine; True when it was not there yet (every replica and every
-    restart meets a quarantined key again, and only its first record is news)."""
-    stmt = pg_insert(quarantine).values(
-        redis_key=ref.key, session_id=ref.session_id, reason=reason, detail=detail[:2000]
-    )
+    restart meets a quarantined key again, and only its first record is news).
+
+    `saved` is the key's value as Redis DUMPs it: it replaces the record's copy when it
+    differs, and None (a key too large to read, or gone) leaves an earlier copy as it was."""
+    values: dict[str, Any] = {
+        "redis_key": ref.key,
+        "session_id": ref.session_id,
+        "reason": reason,
+        "detail": detail[:2000],
+    }
+    if saved is not None:
+        sha = digest(saved)
+        held = await conn.scalar(
+            select(quarantine.c.saved_sha256).where(quarantine.c.redis_key == ref.key)
+        )
+        if held != sha:  # the same copy is not sent again on every visit
+            values |= {"saved_value": saved, "saved_sha256": sha, "saved_at": func.now()}
+    stmt = pg_insert(quarantine).values(**values)
+    refreshed = {name: stmt.excluded[name] for name in values if name.startswith("saved_")}
     attempts = await conn.scalar(
         stmt.on_conflict_do_update(
             index_elements=[quarantine.c.redis_key],
@@ -257,6 +272,7 @@ async def quarantine_session(
                 "detail": stmt.excluded.detail,
                 "attempts": quarantine.c.attempts + 1,
                 "last_seen": func.now(),
+                **refreshed,
             },
         ).returning(quarantine.c.attempts)
     )

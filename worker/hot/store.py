@@ -19,12 +19,16 @@ log = structlog.get_logger(__name__)
 
 
 class BadKey(Exception):
-    """The key cannot be read as the layout says (wrong type, too large): quarantine it."""
+    """The key cannot be read as the layout says (wrong type, too large): quarantine it.
 
-    def __init__(self, reason: str, detail: str) -> None:
+    `small` says whether its value is within CONSOLIDATOR_MAX_VALUE_BYTES, so a copy of it
+    may be taken for the quarantine record."""
+
+    def __init__(self, reason: str, detail: str, small: bool = True) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.small = small
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +79,18 @@ class HotStore:
             return None
         if kind == b"string" and not await self._redis.strlen(ref.key):
             return None  # an empty value is an empty session: nothing to archive, nothing to lose
+        small = size is not None and size <= self._max_bytes
         if kind != _TYPE_OF[self._layout.storage]:
             raise BadKey(
                 "wrong_type",
                 f"{ref.key} is a {kind.decode()}, the layout needs a "
                 f"{_TYPE_OF[self._layout.storage].decode()}",
+                small,
             )
-        if size is not None and size > self._max_bytes:
-            raise BadKey("too_large", f"{ref.key} uses {size} bytes, more than {self._max_bytes}")
+        if not small and size is not None:
+            raise BadKey(
+                "too_large", f"{ref.key} uses {size} bytes, more than {self._max_bytes}", False
+            )
         # One MULTI so the elements and the TTL belong to the same instant.
         async with self._redis.pipeline(transaction=True) as pipe:
             if self._layout.storage is Storage.LIST:

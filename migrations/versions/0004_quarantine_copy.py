@@ -1,0 +1,37 @@
+"""A copy of each quarantined key's value: `quarantine.saved_value`.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-03
+
+A quarantined key is not archived: one malformed element keeps every good turn beside it out
+of the archive until an operator fixes the key. Until now, a key that expired before then
+took the whole conversation with it. The daemon now keeps the key's value as Redis's DUMP
+serializes it (any type, byte for byte), refreshed when the value changes, and `consolidator
+restore ID --quarantined` puts it back.
+
+Nullable columns without defaults: adding them rewrites nothing. Records made before stay
+without a copy until the daemon meets their key again. Daemons of the previous version keep
+working on this schema and leave the columns as they are.
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column("quarantine", sa.Column("saved_value", sa.LargeBinary(), nullable=True))
+    op.add_column("quarantine", sa.Column("saved_sha256", sa.LargeBinary(), nullable=True))
+    op.add_column("quarantine", sa.Column("saved_at", sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    for column in ("saved_at", "saved_sha256", "saved_value"):
+        op.drop_column("quarantine", column)

@@ -1,0 +1,176 @@
+"""A quarantined key outlives its expiry: its record keeps a copy, and restore puts it back.
+
+A quarantined session is not archived, so without a copy, one malformed element and an
+expiry would lose every good turn beside it. The copy is the key's DUMP, refreshed when the
+value changes; `consolidator restore ID --quarantined` recreates the key from it, and once
+the operator has fixed it, a flush archives the conversation as usual.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from redis.asyncio import Redis
+
+from tests import agents
+from tests.archive_helpers import cli
+from worker.config import Settings
+
+TTL_S = 600
+BAD_ELEMENT = b'{"role": "user", "content": "unterminated'
+GOOD_ELEMENT = b'{"role": "user", "content": "first", "timestamp": 1.0}'
+
+
+def _id(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"  # the tests share one archive
+
+
+async def _saved(pg: asyncpg.Connection, key: str) -> asyncpg.Record | None:
+    return await pg.fetchrow(
+        "SELECT reason, saved_value, saved_at FROM quarantine WHERE redis_key = $1", key
+    )
+
+
+async def quarantined(
+    settings: Settings,
+    redis: Redis,
+    pg: asyncpg.Connection,
+    name: str,
+    write: Callable[[str], Awaitable[object]],
+    **env: str,
+) -> tuple[str, str, asyncpg.Record]:
+    """A session whose key `write` fills, flushed once: its id, key and quarantine record."""
+    session_id = _id(name)
+    key = settings.pattern.replace("{id}", session_id)
+    await write(key)
+    await redis.expire(key, TTL_S)
+    flushed = await cli(settings, "flush", session_id, **env)
+    assert flushed.returncode == 1 and "quarantined" in flushed.stdout, flushed.stdout
+    record = await _saved(pg, key)
+    assert record is not None
+    return session_id, key, record
+
+
+async def test_a_quarantined_list_is_restored_after_its_key_expired_then_archived_once_fixed(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    good = [agents.element("user" if i % 2 == 0 else "assistant", f"Turn {i}") for i in range(6)]
+    session_id, key, record = await quarantined(
+        settings,
+        redis,
+        pg,
+        "q-list",
+        lambda key: redis.rpush(key, *good[:3], BAD_ELEMENT, *good[3:]),
+    )
+    assert record["reason"] == "undecodable" and record["saved_value"] is not None
+    written = await redis.lrange(key, 0, -1)
+
+    await redis.delete(key)  # the agent went away and the key expired
+    stats = await cli(settings, "stats")
+    assert f"copy: {len(record['saved_value'])} bytes" in stats.stdout, stats.stdout
+    restored = await cli(settings, "restore", session_id, "--quarantined", "--ttl", "300")
+    assert restored.returncode == 0, restored.stderr
+    assert f"restored {key} (undecodable)" in restored.stdout, restored.stdout
+    assert await redis.lrange(key, 0, -1) == written
+    assert 290_000 < await redis.pttl(key) <= 300_000
+
+    await redis.lset(key, 3, agents.element("user", "Turn 2b, fixed by hand").decode())
+    fixed = await cli(settings, "flush", session_id, "--no-summarize")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    history = await cli(settings, "history", session_id)
+    assert [f"Turn {i}" in history.stdout for i in range(6)] == [True] * 6, history.stdout
+    assert "Turn 2b, fixed by hand" in history.stdout
+    assert await _saved(pg, key) is None  # archived: the record and its copy are gone
+
+
+async def test_the_copy_follows_the_key_and_is_not_sent_again_while_unchanged(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    session_id, key, first = await quarantined(
+        settings, redis, pg, "q-follow", lambda key: redis.rpush(key, GOOD_ELEMENT, BAD_ELEMENT)
+    )
+
+    await cli(settings, "flush", session_id)  # met again, unchanged
+    again = await _saved(pg, key)
+    assert again is not None and again["saved_at"] == first["saved_at"]
+
+    await redis.rpush(key, agents.element("assistant", "a later turn, good"))
+    await cli(settings, "flush", session_id)
+    moved = await _saved(pg, key)
+    assert moved is not None and moved["saved_at"] > first["saved_at"]
+    latest = await redis.lrange(key, 0, -1)
+    await redis.delete(key)
+    restored = await cli(settings, "restore", session_id, "--quarantined")
+    assert restored.returncode == 0, restored.stderr
+    assert await redis.lrange(key, 0, -1) == latest
+
+
+async def test_a_key_of_the_wrong_type_comes_back_as_it_was_and_is_not_overwritten(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    fields = {b"role": b"user", b"content": b"a hash, not a list"}
+
+    async def write_hash(key: str) -> None:
+        for name, value in fields.items():
+            await redis.hset(key, name, value)
+
+    session_id, key, record = await quarantined(settings, redis, pg, "q-hash", write_hash)
+    assert record["reason"] == "wrong_type"
+
+    refused = await cli(settings, "restore", session_id, "--quarantined")
+    assert refused.returncode == 1 and f"{key} exists" in refused.stderr, refused.stderr
+    await redis.hset(key, b"content", b"changed by the agent since")
+    await redis.delete(key)
+    restored = await cli(settings, "restore", session_id, "--quarantined")
+    assert restored.returncode == 0, restored.stderr
+    assert await redis.hgetall(key) == fields
+
+    await redis.hset(key, b"content", b"live again")
+    forced = await cli(settings, "restore", session_id, "--quarantined", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert await redis.hgetall(key) == fields
+
+
+async def test_a_key_too_large_to_read_has_no_copy_and_restore_says_so(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    big = agents.element("user", "x" * 20_000)
+    session_id, key, record = await quarantined(
+        settings,
+        redis,
+        pg,
+        "q-big",
+        lambda key: redis.rpush(key, big),
+        CONSOLIDATOR_MAX_VALUE_BYTES="4096",
+    )
+    assert record["reason"] == "too_large" and record["saved_value"] is None
+
+    await redis.delete(key)
+    restored = await cli(settings, "restore", session_id, "--quarantined")
+    assert restored.returncode == 1
+    assert f"no copy kept of {key} (too_large)" in restored.stderr, restored.stderr
+    assert await redis.exists(key) == 0
+    nothing = await cli(settings, "restore", _id("never-seen"), "--quarantined")
+    assert nothing.returncode == 1 and "nothing quarantined" in nothing.stderr
+
+
+async def test_forget_erases_the_copy_with_the_record(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    card = agents.element("user", "my card is 4111 1111 1111 1111")
+    session_id, key, record = await quarantined(
+        settings, redis, pg, "q-forget", lambda key: redis.rpush(key, card, BAD_ELEMENT)
+    )
+    assert record["saved_value"] is not None
+
+    forgot = await cli(settings, "forget", session_id)
+    assert forgot.returncode == 0, forgot.stderr
+    assert await _saved(pg, key) is None
+    assert await redis.exists(key) == 0
