@@ -174,3 +174,30 @@ async def test_forget_erases_the_copy_with_the_record(
     assert forgot.returncode == 0, forgot.stderr
     assert await _saved(pg, key) is None
     assert await redis.exists(key) == 0
+
+
+async def test_forget_user_erases_a_copy_whose_key_and_metadata_expired(
+    make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings(metadata_pattern=prefix + "session:{id}")
+    user = _id("u-gone")
+    others = _id("u-other")
+
+    async def session_of(owner: str) -> tuple[str, str]:
+        async def write(key: str) -> None:
+            session_id = key.split(":")[-2]
+            await redis.hset(f"{prefix}session:{session_id}", "user_id", owner)
+            await redis.rpush(key, GOOD_ELEMENT, BAD_ELEMENT)
+
+        session_id, key, _ = await quarantined(settings, redis, pg, "q-user", write)
+        # Both keys expire: nothing in Redis names the user any more.
+        await redis.delete(key, f"{prefix}session:{session_id}")
+        return session_id, key
+
+    _, mine = await session_of(user)
+    _, theirs = await session_of(others)
+    forgot = await cli(settings, "forget", "--user", user)
+    assert forgot.returncode == 0, forgot.stderr
+    assert "1 quarantine records" in forgot.stdout, forgot.stdout
+    assert await _saved(pg, mine) is None
+    assert await _saved(pg, theirs) is not None  # another user's copy is not touched

@@ -276,8 +276,9 @@ class Pipeline:
             # A quarantined session is not archived: without a copy, its key's expiry would
             # take every turn with it, the good ones too. DUMP keeps any type byte for byte.
             saved = await self.redis.dump(ref.key) if save else None
+            owner = await self.store.owner(ref)
             async with self.engine.begin() as conn:
-                first = await writer.quarantine_session(conn, ref, reason, detail, saved)
+                first = await writer.quarantine_session(conn, ref, reason, detail, saved, owner)
             if first:  # counted once committed: a failed commit is met, and counted, again
                 self.metrics.quarantined.labels(reason=reason).inc()
         return Outcome(ref.session_id, "quarantined", reason=f"{reason}: {detail[:300]}")

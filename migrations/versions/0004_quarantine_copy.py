@@ -30,8 +30,13 @@ def upgrade() -> None:
     op.add_column("quarantine", sa.Column("saved_value", sa.LargeBinary(), nullable=True))
     op.add_column("quarantine", sa.Column("saved_sha256", sa.LargeBinary(), nullable=True))
     op.add_column("quarantine", sa.Column("saved_at", sa.DateTime(timezone=True), nullable=True))
+    # Whose conversation the copy holds, so that `forget --user` finds it once the key (and
+    # the metadata naming the user) has expired: such a session was never archived.
+    op.add_column("quarantine", sa.Column("user_id", sa.Text(), nullable=True))
+    op.create_index("ix_quarantine_user_id", "quarantine", ["user_id"])
 
 
 def downgrade() -> None:
-    for column in ("saved_at", "saved_sha256", "saved_value"):
+    op.drop_index("ix_quarantine_user_id", table_name="quarantine")
+    for column in ("user_id", "saved_at", "saved_sha256", "saved_value"):
         op.drop_column("quarantine", column)

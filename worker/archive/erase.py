@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from redis.asyncio import Redis
-from sqlalchemy import ColumnElement, Executable, delete, insert, or_, select
+from sqlalchemy import ColumnElement, Executable, delete, false, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.archive.tables import erasures, gaps, quarantine, sessions, summaries, turns
@@ -199,7 +199,13 @@ async def _erase_archive(
         gaps=await count(delete(gaps).where(gaps.c.session_id.in_(ids))),
         quarantine=await count(
             delete(quarantine).where(
-                or_(quarantine.c.session_id.in_(ids), quarantine.c.redis_key.in_(keys))
+                or_(
+                    quarantine.c.session_id.in_(ids),
+                    quarantine.c.redis_key.in_(keys),
+                    # A quarantined session whose key expired was never archived, and no key
+                    # is left to find it by: its record (and the copy it keeps) names the user.
+                    quarantine.c.user_id == owner if every_session else false(),
+                )
             )
         ),
         sessions=await count(delete(sessions).where(sessions.c.session_id.in_(ids))),

@@ -138,7 +138,9 @@ quarantine = Table(
     Column("saved_value", LargeBinary),
     Column("saved_sha256", LargeBinary),
     Column("saved_at", DateTime(timezone=True)),
+    Column("user_id", Text),  # from the key's {user} or the metadata: for `forget --user`
     Index(None, "session_id"),
+    Index(None, "user_id"),
 )
 
 erasures = Table(

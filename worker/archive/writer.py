@@ -242,7 +242,12 @@ async def mark_applied(conn: AsyncConnection, applied: Sequence[tuple[str, int]]
 
 
 async def quarantine_session(
-    conn: AsyncConnection, ref: SessionRef, reason: str, detail: str, saved: bytes | None = None
+    conn: AsyncConnection,
+    ref: SessionRef,
+    reason: str,
+    detail: str,
+    saved: bytes | None = None,
+    user_id: str | None = None,
 ) -> bool:
     """Record the key in quarantine; True when it was not there yet (every replica and every
     restart meets a quarantined key again, and only its first record is news).
@@ -254,6 +259,7 @@ async def quarantine_session(
         "session_id": ref.session_id,
         "reason": reason,
         "detail": detail[:2000],
+        "user_id": user_id,
     }
     if saved is not None:
         sha = digest(saved)
@@ -272,6 +278,7 @@ async def quarantine_session(
                 "detail": stmt.excluded.detail,
                 "attempts": quarantine.c.attempts + 1,
                 "last_seen": func.now(),
+                "user_id": func.coalesce(stmt.excluded.user_id, quarantine.c.user_id),
                 **refreshed,
             },
         ).returning(quarantine.c.attempts)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from worker.domain import SessionRef, Snapshot
 from worker.hot.leases import Lease
@@ -132,6 +133,17 @@ class HotStore:
             return {}
         assert isinstance(found, dict)
         return _decode_hash(found)
+
+    async def owner(self, ref: SessionRef) -> str | None:
+        """The user the session belongs to: its key's `{user}`, else its metadata's `user_id`
+        (None when neither says). A WRONGTYPE metadata key names nobody."""
+        if ref.user is not None or not self._metadata_pattern:
+            return ref.user
+        try:
+            found = await self._redis.hget(self._metadata_key(ref), "user_id")
+        except ResponseError:
+            return None
+        return found.decode("utf-8", "replace") if isinstance(found, bytes) else None
 
     def _metadata_key(self, ref: SessionRef) -> str:
         assert self._metadata_pattern is not None
