@@ -58,6 +58,11 @@ async def test_prune_forgets_idle_sessions_and_folded_old_turns_only(
     await make_old(pg, idle.session_id, through_seq=99)
     async with rt.engine.begin() as conn:
         await writer.quarantine_session(conn, idle, "undecodable", "old detail")
+    # As old as its session: a fresh record under the id is a live key's, and stays
+    # (test_quarantine_copy.py).
+    await pg.execute(
+        f"UPDATE quarantine SET last_seen = {OLD} WHERE session_id = $1", idle.session_id
+    )
 
     active, first = await session(rt, redis, f"{prefix}active", 10)  # summary through #5
     second = await agents.conversation(redis, active.key, 6, start=10)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import asyncpg
 from redis.asyncio import Redis
 
 from tests import agents
 from tests.archive_helpers import cli
+from tests.conftest import REDIS_URL
 from worker.config import Settings
 
 TTL_S = 600
@@ -124,15 +126,14 @@ async def test_a_key_of_the_wrong_type_comes_back_as_it_was_and_is_not_overwritt
 
     refused = await cli(settings, "restore", session_id, "--quarantined")
     assert refused.returncode == 1 and f"{key} exists" in refused.stderr, refused.stderr
+    # A live quarantined key's turns since the copy are in no archive: never replaced.
+    forced = await cli(settings, "restore", session_id, "--quarantined", "--force")
+    assert forced.returncode == 2, forced.stderr
     await redis.hset(key, b"content", b"changed by the agent since")
+    assert await redis.hget(key, b"content") == b"changed by the agent since"
     await redis.delete(key)
     restored = await cli(settings, "restore", session_id, "--quarantined")
     assert restored.returncode == 0, restored.stderr
-    assert await redis.hgetall(key) == fields
-
-    await redis.hset(key, b"content", b"live again")
-    forced = await cli(settings, "restore", session_id, "--quarantined", "--force")
-    assert forced.returncode == 0, forced.stderr
     assert await redis.hgetall(key) == fields
 
 
@@ -201,3 +202,140 @@ async def test_forget_user_erases_a_copy_whose_key_and_metadata_expired(
     assert "1 quarantine records" in forgot.stdout, forgot.stdout
     assert await _saved(pg, mine) is None
     assert await _saved(pg, theirs) is not None  # another user's copy is not touched
+
+
+async def test_a_copy_the_key_outgrew_is_kept_and_said_to_be_older(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    limit = {"CONSOLIDATOR_MAX_VALUE_BYTES": "4096"}
+    session_id, key, first = await quarantined(
+        settings,
+        redis,
+        pg,
+        "q-grew",
+        lambda key: redis.rpush(key, GOOD_ELEMENT, BAD_ELEMENT),
+        **limit,
+    )
+    copied = first["saved_value"]
+    assert copied is not None
+    await redis.rpush(key, agents.element("user", "y" * 8000))
+    await cli(settings, "flush", session_id, **limit)
+    grown = await _saved(pg, key)
+    assert grown is not None and grown["reason"] == "too_large"
+    assert grown["saved_value"] == copied  # the latest state there is, kept
+
+    stats = await cli(settings, "stats")
+    assert "the key changed after this copy" in stats.stdout, stats.stdout
+    await redis.delete(key)
+    restored = await cli(settings, "restore", session_id, "--quarantined")
+    assert restored.returncode == 0, restored.stderr
+    assert "the key changed after this copy" in restored.stderr, restored.stderr
+    assert await redis.lrange(key, 0, -1) == [GOOD_ELEMENT, BAD_ELEMENT]
+
+
+async def test_a_user_erasure_leaves_another_users_copy_under_the_same_id(
+    make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    pattern = prefix + "adk:session:{app}:{user}:{id}"
+    settings = make_settings(layout="adk", key_pattern=pattern)
+    adk = {"CONSOLIDATOR_LAYOUT": "adk"}
+    session_id = _id("q-adk")
+    keys = {user: pattern.format(app="shop", user=user, id=session_id) for user in ("bob", "carol")}
+    for key in keys.values():
+        await redis.set(key, b"not an ADK session", ex=TTL_S)
+    flushed = await cli(settings, "flush", "--all", **adk)
+    assert flushed.stdout.count("quarantined") >= 2, flushed.stdout
+    await redis.delete(*keys.values())  # both expired: only the copies are left
+
+    alices = await cli(settings, "forget", session_id, "--user", "alice", **adk)
+    assert alices.returncode == 0, alices.stderr
+    assert await _saved(pg, keys["bob"]) is not None and await _saved(pg, keys["carol"]) is not None
+    ambiguous = await cli(settings, "forget", session_id, **adk)
+    assert ambiguous.returncode != 0 and "more than one user" in ambiguous.stderr
+    bobs = await cli(settings, "forget", session_id, "--user", "bob", **adk)
+    assert bobs.returncode == 0 and "1 quarantine records" in bobs.stdout, bobs.stdout
+    assert await _saved(pg, keys["bob"]) is None and await _saved(pg, keys["carol"]) is not None
+    carols = await cli(settings, "forget", session_id, **adk)  # one user left: no ambiguity
+    assert carols.returncode == 0 and "1 quarantine records" in carols.stdout, carols.stdout
+    assert await _saved(pg, keys["carol"]) is None
+
+
+async def test_prune_keeps_a_fresh_copy_under_the_id_of_a_pruned_session(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    session_id = _id("q-prune")
+    key = settings.pattern.replace("{id}", session_id)
+    await redis.rpush(key, GOOD_ELEMENT)
+    archived = await cli(settings, "flush", session_id, "--no-summarize")
+    assert archived.returncode == 0, archived.stderr
+    await pg.execute(
+        "UPDATE sessions SET last_seen = now() - interval '100 days' WHERE session_id = $1",
+        session_id,
+    )
+    await redis.rpush(key, BAD_ELEMENT)  # the agent writes on, and breaks it
+    await cli(settings, "flush", session_id)
+    assert await _saved(pg, key) is not None
+
+    pruned = await cli(settings, "prune", "--older-than", "90d")
+    assert pruned.returncode == 0, pruned.stderr
+    assert await pg.fetchval("SELECT count(*) FROM sessions WHERE session_id = $1", session_id) == 0
+    assert await _saved(pg, key) is not None
+
+
+async def test_a_restored_key_keeps_its_user_once_archived(
+    make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings(metadata_pattern=prefix + "session:{id}")
+    user = _id("u-back")
+
+    async def write(key: str) -> None:
+        session_id = key.split(":")[-2]
+        await redis.hset(f"{prefix}session:{session_id}", "user_id", user)
+        await redis.rpush(key, GOOD_ELEMENT, BAD_ELEMENT)
+
+    session_id, key, _ = await quarantined(settings, redis, pg, "q-owner", write)
+    await redis.delete(key, f"{prefix}session:{session_id}")
+    restored = await cli(settings, "restore", session_id, "--quarantined")
+    assert restored.returncode == 0, restored.stderr
+    await redis.lset(key, 1, agents.element("user", "fixed").decode())
+    fixed = await cli(settings, "flush", session_id, "--no-summarize")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    owner = "SELECT user_id FROM sessions WHERE session_id = $1"
+    assert await pg.fetchval(owner, session_id) == user
+
+    await redis.delete(key)
+    forgot = await cli(settings, "forget", "--user", user)
+    assert forgot.returncode == 0 and "1 sessions" in forgot.stdout, forgot.stdout
+    assert await pg.fetchval(owner, session_id) is None
+
+
+async def test_a_redis_user_without_dump_still_quarantines_without_a_copy(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    name, password = _id("nodump"), uuid.uuid4().hex
+    await redis.acl_setuser(
+        name,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-dump"],
+    )
+    try:
+        settings = make_settings()
+        server = urlsplit(REDIS_URL)
+        url = {
+            "CONSOLIDATOR_REDIS_URL": server._replace(
+                netloc=f"{name}:{password}@{server.netloc}"
+            ).geturl()
+        }
+        _, _, record = await quarantined(
+            settings, redis, pg, "q-acl", lambda key: redis.rpush(key, BAD_ELEMENT), **url
+        )
+        assert record["reason"] == "undecodable" and record["saved_value"] is None
+        stats = await cli(settings, "stats")
+        assert "DUMP refused" in stats.stdout, stats.stdout
+    finally:
+        await redis.acl_deluser(name)

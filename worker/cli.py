@@ -291,16 +291,17 @@ def restore(
 
     if turns is not None and turns < 0:
         _usage_error("restore: --turns cannot be negative")
-    if quarantined and turns is not None:
-        _usage_error("restore: --quarantined puts back whole keys; it takes no --turns")
+    if quarantined and (turns is not None or force):
+        # No --force: a live quarantined key's turns since the copy are in no archive.
+        _usage_error(
+            "restore: --quarantined puts back whole keys that are gone; no --turns or --force"
+        )
     if not 1 <= ttl <= MAX_RESTORE_TTL_S:
         # Checked here: Redis refuses an expiry past its range only after the key is rewritten.
         _usage_error(f"restore: --ttl must be 1 to {MAX_RESTORE_TTL_S} seconds (10 years)")
     settings = _settings()
     if quarantined:
-        raise typer.Exit(
-            _run(lambda: restore_quarantined_main(settings, session_id, ttl_s=ttl, force=force))
-        )
+        raise typer.Exit(_run(lambda: restore_quarantined_main(settings, session_id, ttl_s=ttl)))
     raise typer.Exit(
         _run(lambda: restore_main(settings, session_id, turns=turns, ttl_s=ttl, force=force))
     )

@@ -34,6 +34,7 @@ from worker.hot.scanner import probe, scan_keys
 from worker.outages import first_line, outage
 from worker.pipeline import NO_HOT_STATE, SUMMARY_FAILED, Options
 from worker.policy import classify
+from worker.quarantined import NO_COPY, STALE_COPY, PutBack, PutBackStatus, restore_quarantined
 from worker.runtime import Runtime, database_engine, open_runtime, redis_client
 from worker.summarizers.base import Summarizer
 from worker.terminal import INDENT, printable
@@ -404,7 +405,8 @@ async def stats_main(settings: Settings, *, as_json: bool) -> int:
         f"cold  {cold['sessions']} sessions, {cold['turns']} turns, {cold['summaries']} "
         f"summaries, {cold['gaps']} gaps, {cold['archive_bytes']} bytes"
     )
-    print(f"quarantined {cold['quarantined']}")
+    shown = f" (the {len(quarantined)} seen last)" if cold["quarantined"] > len(quarantined) else ""
+    print(f"quarantined {cold['quarantined']}{shown}")
     for q in quarantined:
         detail = " ".join(q.detail.split())[:120]
         print(f"  {q.redis_key}  {q.reason}: {detail}  (attempts {q.attempts})")
@@ -414,8 +416,10 @@ async def stats_main(settings: Settings, *, as_json: bool) -> int:
                 f"    copy: {q.saved_bytes} bytes, saved {q.saved_at:%Y-%m-%d %H:%M:%S %Z}; if "
                 f"the key is gone: consolidator restore {shlex.quote(q.session_id)} --quarantined"
             )
+            if not q.saved_current:
+                print(f"    note: {STALE_COPY}")
         else:
-            print("    copy: none (too large to read, or not read since schema 0004)")
+            print(f"    copy: none ({NO_COPY})")
     if quarantined:
         print("  fix the key in Redis, then retry: the session leaves quarantine once it reads")
     return 0
@@ -539,9 +543,15 @@ async def restore_main(
         except (RestoreError, LeaseBusy) as exc:
             print(f"consolidator: restore: {exc}", file=sys.stderr)
             return 1
-    if result.status is RestoreStatus.NOTHING:
-        print(f"consolidator: {result.reason} for session {session_id!r}", file=sys.stderr)
-        return 1
+        if result.status is RestoreStatus.NOTHING:
+            hint = ""
+            if await ArchiveReader(engine).is_quarantined(session_id):
+                again = f"consolidator restore {shlex.quote(session_id)} --quarantined"
+                hint = f"; it is quarantined: {again}"
+            print(
+                f"consolidator: {result.reason} for session {session_id!r}{hint}", file=sys.stderr
+            )
+            return 1
     if result.status is RestoreStatus.REFUSED:
         print(f"consolidator: restore refused: {result.key}: {result.reason}", file=sys.stderr)
         return 1
@@ -570,48 +580,60 @@ async def restore_main(
     return 0
 
 
-async def restore_quarantined_main(
-    settings: Settings, session_id: str, *, ttl_s: int, force: bool
-) -> int:
+async def restore_quarantined_main(settings: Settings, session_id: str, *, ttl_s: int) -> int:
     from worker.hot.exclusive import LeaseBusy
-    from worker.quarantined import PutBackError, PutBackStatus, restore_quarantined
 
     async with _archive_clients(settings) as clients:
         if clients is None:
             return 2
         redis, engine = clients
         try:
-            done = await restore_quarantined(
-                redis, engine, settings, session_id, ttl_s=ttl_s, force=force
-            )
-        except (PutBackError, LeaseBusy) as exc:
+            done = await restore_quarantined(redis, engine, settings, session_id, ttl_s=ttl_s)
+        except LeaseBusy as exc:
             print(f"consolidator: restore: {exc}", file=sys.stderr)
             return 1
     if not done:
         print(f"consolidator: nothing quarantined for session {session_id!r}", file=sys.stderr)
         return 1
     for put in done:
-        if put.status is PutBackStatus.RESTORED:
-            when = f", saved {put.saved_at:%Y-%m-%d %H:%M:%S %Z}" if put.saved_at else ""
-            print(f"restored {put.key} ({put.reason}): {put.size} bytes{when}; TTL {ttl_s}s")
-        elif put.status is PutBackStatus.REFUSED:
-            print(
-                f"consolidator: restore refused: {put.key} exists; --force replaces it",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                f"consolidator: no copy kept of {put.key} ({put.reason}): too large to read "
-                "when quarantined, or quarantined before schema 0004 and not seen since",
-                file=sys.stderr,
-            )
-    if any(put.status is PutBackStatus.RESTORED for put in done):
+        _report_put_back(put, session_id, ttl_s)
+    return 0 if all(put.status is PutBackStatus.RESTORED for put in done) else 1
+
+
+def _report_put_back(put: PutBack, session_id: str, ttl_s: int) -> None:
+    if put.status is PutBackStatus.NO_COPY:
+        print(f"consolidator: no copy kept of {put.key} ({put.reason}): {NO_COPY}", file=sys.stderr)
+        return
+    if put.status is PutBackStatus.REFUSED:
         print(
-            "note: a restored key is as it was when quarantined: fix what its reason says, "
-            f"then {_retry_command(session_id)}",
+            f"consolidator: restore refused: {put.key} exists; its turns since the copy are in "
+            "no archive: move it away (RENAME) first to keep both",
             file=sys.stderr,
         )
-    return 0 if all(put.status is PutBackStatus.RESTORED for put in done) else 1
+        return
+    if put.status is PutBackStatus.FAILED:
+        print(
+            f"consolidator: restore: {put.key}: Redis refused the copy: {put.error}",
+            file=sys.stderr,
+        )
+        return
+    when = f", saved {put.saved_at:%Y-%m-%d %H:%M:%S %Z}" if put.saved_at else ""
+    print(f"restored {put.key} ({put.reason}): {put.size} bytes{when}; TTL {ttl_s}s")
+    if not put.current:
+        print(f"note: {STALE_COPY}", file=sys.stderr)
+    if put.reason == "id_collision":
+        print(
+            "note: this key holds another conversation under an id the archive already has: "
+            "give it a session id of its own (RENAME) before it is flushed, or it would join "
+            "that archive once the first key is gone",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            "note: the key is as it was when quarantined: fix what its reason says, then "
+            f"{_retry_command(session_id)}",
+            file=sys.stderr,
+        )
 
 
 async def forget_main(settings: Settings, *, session_id: str | None, user_id: str | None) -> int:

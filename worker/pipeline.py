@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.archive import writer
@@ -273,15 +274,28 @@ class Pipeline:
         self, ref: SessionRef, reason: str, detail: str, options: Options, save: bool = True
     ) -> Outcome:
         if not options.dry_run:
-            # A quarantined session is not archived: without a copy, its key's expiry would
-            # take every turn with it, the good ones too. DUMP keeps any type byte for byte.
-            saved = await self.redis.dump(ref.key) if save else None
+            saved = await self._copy(ref) if save else None
             owner = await self.store.owner(ref)
             async with self.engine.begin() as conn:
                 first = await writer.quarantine_session(conn, ref, reason, detail, saved, owner)
             if first:  # counted once committed: a failed commit is met, and counted, again
                 self.metrics.quarantined.labels(reason=reason).inc()
         return Outcome(ref.session_id, "quarantined", reason=f"{reason}: {detail[:300]}")
+
+    async def _copy(self, ref: SessionRef) -> bytes | None:
+        """The key's value as DUMP serializes it (any type, byte for byte), for its quarantine
+        record: a quarantined session is not archived, and without a copy its key's expiry
+        would take every turn with it, the good ones too. None when the key grew past the
+        size limit since it was read, or Redis refuses DUMP (an ACL without it): the record
+        is made all the same, and marks an earlier copy as older than the key."""
+        try:
+            saved = await self.redis.dump(ref.key)
+        except ResponseError as exc:
+            log.warning("quarantine_copy_refused", key=ref.key, detail=f"DUMP refused: {exc}")
+            return None
+        if not isinstance(saved, bytes) or len(saved) > self.settings.max_value_bytes:
+            return None
+        return saved
 
 
 def _storable(turn: Turn) -> Turn:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from redis.asyncio import Redis
-from sqlalchemy import ColumnElement, Executable, delete, false, insert, or_, select
+from sqlalchemy import ColumnElement, Executable, delete, false, insert, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.archive.tables import erasures, gaps, quarantine, sessions, summaries, turns
@@ -62,6 +62,14 @@ async def forget_session(
     pattern = KeyPattern.compile(settings.pattern)
     async with engine.connect() as conn:
         archived = await _archived_refs(conn, sessions.c.session_id == session_id)
+        quarantined = (
+            await conn.execute(
+                select(quarantine.c.redis_key, quarantine.c.user_id).where(
+                    quarantine.c.session_id == session_id, quarantine.c.user_id.is_not(None)
+                )
+            )
+        ).all()
+        quarantined_users = {user for _, user in quarantined}
     if "{app}" in settings.pattern or "{user}" in settings.pattern:
         # The key has parts the id alone does not give (ADK's app and user): look for it.
         by_id = KeyPattern.compile(settings.pattern, id_glob=glob_escape(session_id))
@@ -79,14 +87,17 @@ async def forget_session(
             claimed = {ref.user for ref in archived} | set(owners)
             if claimed - {None, user_id}:
                 hot = [ref for ref in hot if ref.user is not None]
-    elif len({ref.user for ref in archived + hot if ref.user is not None}) > 1:
-        keys = sorted({ref.key for ref in archived + hot})
+    elif len({ref.user for ref in archived + hot if ref.user is not None} | quarantined_users) > 1:
+        keys = sorted({ref.key for ref in archived + hot} | {key for key, _ in quarantined})
         raise AmbiguousSession(
             f"session {session_id!r} belongs to more than one user ({', '.join(keys)}); "
             "add --user to say whose"
         )
     refs = _owned_by(archived, user_id) + hot
-    return await _forget(redis, engine, settings, "session", session_id, refs, owner=user_id)
+    # The id itself too: a quarantined session whose key expired is neither archived nor hot.
+    return await _forget(
+        redis, engine, settings, "session", session_id, refs, owner=user_id, ids=[session_id]
+    )
 
 
 async def forget_user(
@@ -126,6 +137,7 @@ async def _forget(
     owner: str | None,
     every_session: bool = False,
     also: Sequence[str] = (),
+    ids: Sequence[str] = (),
 ) -> ErasureCounts:
     pattern = KeyPattern.compile(settings.pattern)
     session_keys = {ref.key for ref in refs}
@@ -134,7 +146,7 @@ async def _forget(
     hot_keys = set(session_keys) | set(also)
     if settings.metadata_pattern:
         hot_keys |= {settings.metadata_pattern.replace("{id}", ref.session_id) for ref in refs}
-    ids = sorted({ref.session_id for ref in refs})
+    ids = sorted({ref.session_id for ref in refs} | set(ids))
     lease_ms = int(settings.lease_ttl_s * 1000)
     async with holding(redis, session_keys, lease_ms, wait_s=settings.lease_ttl_s + 2):
         # One DEL per key: keys of different sessions may live on different cluster nodes.
@@ -198,18 +210,25 @@ async def _erase_archive(
         summaries=await count(delete(summaries).where(summaries.c.session_id.in_(ids))),
         gaps=await count(delete(gaps).where(gaps.c.session_id.in_(ids))),
         quarantine=await count(
-            delete(quarantine).where(
-                or_(
-                    quarantine.c.session_id.in_(ids),
-                    quarantine.c.redis_key.in_(keys),
-                    # A quarantined session whose key expired was never archived, and no key
-                    # is left to find it by: its record (and the copy it keeps) names the user.
-                    quarantine.c.user_id == owner if every_session else false(),
-                )
-            )
+            delete(quarantine).where(_quarantine_records(ids, keys, owner, every_session))
         ),
         sessions=await count(delete(sessions).where(sessions.c.session_id.in_(ids))),
         hot_keys=hot_keys_deleted,
+    )
+
+
+def _quarantine_records(
+    ids: list[str], keys: list[str], owner: str | None, every_session: bool
+) -> ColumnElement[bool]:
+    """The quarantine records (and the copies they keep) an erasure deletes: its keys', its
+    sessions' unless another user's (one id, two users), and with `every_session` every one
+    naming the user: a quarantined session whose key expired was never archived, and no key
+    is left to find it by."""
+    theirs = quarantine.c.user_id.is_not(None) & (quarantine.c.user_id != owner)
+    return or_(
+        quarantine.c.redis_key.in_(keys),
+        quarantine.c.session_id.in_(ids) & (~theirs if owner is not None else true()),
+        quarantine.c.user_id == owner if every_session else false(),
     )
 
 

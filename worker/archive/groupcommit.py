@@ -335,7 +335,7 @@ class GroupCommit:
                 metadata=request.metadata,
             )
             if written:
-                await writer.release_quarantine(conn, request.ref.key)
+                await writer.release_quarantine(conn, request.ref.key, request.ref.session_id)
             return written
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -445,8 +445,11 @@ won AS (
     INSERT INTO sessions AS s
         (session_id, redis_key, layout, newest_first, app_name, user_id, agent_id, turn_count,
          metadata)
-    SELECT session_id, redis_key, layout, newest_first, app_name, user_id, agent_id, turn_count,
-           CAST(metadata AS jsonb)
+    -- A key put back from its quarantine copy lacks the metadata that named its user; the
+    -- record kept it (writer.release_quarantine).
+    SELECT session_id, redis_key, layout, newest_first, app_name,
+           coalesce(user_id, (SELECT q.user_id FROM quarantine q WHERE q.redis_key = v.redis_key)),
+           agent_id, turn_count, CAST(metadata AS jsonb)
     FROM v
     ON CONFLICT (session_id) DO UPDATE SET
         turn_count = excluded.turn_count,

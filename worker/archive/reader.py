@@ -52,7 +52,8 @@ class QuarantinedKey:
     attempts: int
     last_seen: datetime
     saved_bytes: int | None  # the size of the key's saved copy (DUMP), None without one
-    saved_at: datetime | None
+    saved_at: datetime | None  # when the copy was taken
+    saved_current: bool  # False: the key changed since, and could not be copied again
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +179,13 @@ class ArchiveReader:
         result["archive_bytes"] = int(size)
         return result
 
+    async def is_quarantined(self, session_id: str) -> bool:
+        async with self._engine.connect() as conn:
+            found = await conn.scalar(
+                select(quarantine.c.redis_key).where(quarantine.c.session_id == session_id).limit(1)
+            )
+        return found is not None
+
     async def quarantined(self, limit: int = 50) -> list[QuarantinedKey]:
         async with self._engine.connect() as conn:
             rows = (
@@ -191,6 +199,7 @@ class ArchiveReader:
                         quarantine.c.last_seen,
                         func.octet_length(quarantine.c.saved_value),
                         quarantine.c.saved_at,
+                        quarantine.c.saved_sha256.is_not(None),
                     )
                     .order_by(quarantine.c.last_seen.desc())
                     .limit(limit)

@@ -111,8 +111,13 @@ async def _prune_sessions(conn: AsyncConnection, cutoff: datetime, batch: int) -
                     conn, delete(summaries).where(summaries.c.session_id.in_(ids))
                 ),
                 gaps=await _count(conn, delete(gaps).where(gaps.c.session_id.in_(ids))),
+                # Only records as old as the session: a fresh one under the same id is another
+                # live key (an id collision), and its copy is that conversation's only record.
                 quarantine=await _count(
-                    conn, delete(quarantine).where(quarantine.c.session_id.in_(ids))
+                    conn,
+                    delete(quarantine).where(
+                        quarantine.c.session_id.in_(ids), quarantine.c.last_seen < cutoff
+                    ),
                 ),
                 sessions=await _count(conn, delete(sessions).where(sessions.c.session_id.in_(ids))),
             )

@@ -253,7 +253,8 @@ async def quarantine_session(
     restart meets a quarantined key again, and only its first record is news).
 
     `saved` is the key's value as Redis DUMPs it: it replaces the record's copy when it
-    differs, and None (a key too large to read, or gone) leaves an earlier copy as it was."""
+    differs. None (a key too large to read, or DUMP refused) keeps an earlier copy, marked as
+    older than the key by a NULL digest: it is still the latest state there is."""
     values: dict[str, Any] = {
         "redis_key": ref.key,
         "session_id": ref.session_id,
@@ -268,6 +269,8 @@ async def quarantine_session(
         )
         if held != sha:  # the same copy is not sent again on every visit
             values |= {"saved_value": saved, "saved_sha256": sha, "saved_at": func.now()}
+    else:
+        values["saved_sha256"] = None
     stmt = pg_insert(quarantine).values(**values)
     refreshed = {name: stmt.excluded[name] for name in values if name.startswith("saved_")}
     attempts = await conn.scalar(
@@ -286,8 +289,19 @@ async def quarantine_session(
     return bool(attempts == 1)
 
 
-async def release_quarantine(conn: AsyncConnection, key: str) -> None:
-    await conn.execute(delete(quarantine).where(quarantine.c.redis_key == key))
+async def release_quarantine(conn: AsyncConnection, key: str, session_id: str) -> None:
+    """Delete the key's quarantine record once its session is archived. The user the record
+    named goes on the session's row if it names none: a key put back from its quarantine
+    copy lacks the metadata (another key) that named its user."""
+    user_id = await conn.scalar(
+        delete(quarantine).where(quarantine.c.redis_key == key).returning(quarantine.c.user_id)
+    )
+    if user_id is not None:
+        await conn.execute(
+            update(sessions)
+            .where(sessions.c.session_id == session_id, sessions.c.user_id.is_(None))
+            .values(user_id=user_id)
+        )
 
 
 def _text(value: object) -> str | None:
