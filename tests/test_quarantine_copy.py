@@ -339,3 +339,89 @@ async def test_a_redis_user_without_dump_still_quarantines_without_a_copy(
         assert "DUMP refused" in stats.stdout, stats.stdout
     finally:
         await redis.acl_deluser(name)
+
+
+async def test_forget_of_a_users_session_takes_their_copy_under_another_users_archived_id(
+    make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    pattern = prefix + "adk:session:{app}:{user}:{id}"
+    settings = make_settings(layout="adk", key_pattern=pattern)
+    adk = {"CONSOLIDATOR_LAYOUT": "adk"}
+    session_id = _id("q-two")
+    alices = pattern.format(app="shop", user="alice", id=session_id)
+    await pg.execute(
+        "INSERT INTO sessions (session_id, redis_key, layout, app_name, user_id, turn_count) "
+        "VALUES ($1, $2, 'adk', 'shop', 'alice', 3)",
+        session_id,
+        alices,
+    )
+    bobs = pattern.format(app="shop", user="bob", id=session_id)
+    await redis.set(bobs, b"not an ADK session", ex=TTL_S)
+    flushed = await cli(settings, "flush", "--all", **adk)
+    assert "quarantined" in flushed.stdout, flushed.stdout
+    await redis.delete(bobs)  # expired: only the copy is left
+
+    forgot = await cli(settings, "forget", session_id, "--user", "bob", **adk)
+    assert forgot.returncode == 0 and "1 quarantine records" in forgot.stdout, forgot.stdout
+    assert await _saved(pg, bobs) is None
+    assert await pg.fetchval("SELECT user_id FROM sessions WHERE session_id = $1", session_id) == (
+        "alice"
+    )
+
+
+async def test_forget_of_another_users_id_spares_a_quarantined_key_its_record_names(
+    make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings(metadata_pattern=prefix + "session:{id}")
+
+    async def bobs(key: str) -> None:
+        await redis.hset(f"{prefix}session:{key.split(':')[-2]}", "user_id", "bob")
+        await redis.rpush(key, GOOD_ELEMENT, BAD_ELEMENT)
+
+    session_id, key, _ = await quarantined(settings, redis, pg, "q-spare", bobs)
+    await redis.delete(f"{prefix}session:{session_id}")  # the metadata expired, the key lives
+    live = await redis.lrange(key, 0, -1)
+
+    forgot = await cli(settings, "forget", session_id, "--user", "alice")
+    assert forgot.returncode == 0, forgot.stderr
+    assert await redis.lrange(key, 0, -1) == live
+    assert await _saved(pg, key) is not None
+
+
+async def test_forget_of_another_users_id_spares_their_live_key_beside_an_unowned_archive(
+    make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings(metadata_pattern=prefix + "session:{id}")
+    session_id = _id("q-unowned")
+    key = settings.pattern.replace("{id}", session_id)
+    await redis.rpush(key, GOOD_ELEMENT)
+    archived = await cli(settings, "flush", session_id, "--no-summarize")  # no metadata yet
+    assert archived.returncode == 0, archived.stderr
+    metadata = f"{prefix}session:{session_id}"
+    await redis.hset(metadata, "user_id", "bob")
+    await redis.rpush(key, agents.element("user", "bob's turn, not archived yet"))
+
+    forgot = await cli(settings, "forget", session_id, "--user", "alice")
+    assert forgot.returncode == 0, forgot.stderr
+    assert len(await redis.lrange(key, 0, -1)) == 2
+    assert await redis.hget(metadata, "user_id") == b"bob"
+
+
+async def test_restore_force_from_the_archive_does_not_replace_a_live_quarantined_key(
+    make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
+) -> None:
+    settings = make_settings()
+    session_id = _id("q-force")
+    key = settings.pattern.replace("{id}", session_id)
+    await redis.rpush(key, GOOD_ELEMENT)
+    archived = await cli(settings, "flush", session_id, "--no-summarize")
+    assert archived.returncode == 0, archived.stderr
+    later = agents.element("user", "written after the archive")
+    await redis.rpush(key, BAD_ELEMENT, later)
+    await cli(settings, "flush", session_id)
+    assert await _saved(pg, key) is not None
+    live = await redis.lrange(key, 0, -1)
+
+    forced = await cli(settings, "restore", session_id, "--force")
+    assert forced.returncode == 1 and "quarantined" in forced.stderr, forced.stderr
+    assert await redis.lrange(key, 0, -1) == live

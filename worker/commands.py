@@ -624,8 +624,8 @@ def _report_put_back(put: PutBack, session_id: str, ttl_s: int) -> None:
     if put.reason == "id_collision":
         print(
             "note: this key holds another conversation under an id the archive already has: "
-            "give it a session id of its own (RENAME) before it is flushed, or it would join "
-            "that archive once the first key is gone",
+            "give it a session id of its own (RENAME) before it is flushed; where keys do not "
+            "name their user, it would otherwise join that archive once the first key is gone",
             file=sys.stderr,
         )
     else:

@@ -274,28 +274,33 @@ class Pipeline:
         self, ref: SessionRef, reason: str, detail: str, options: Options, save: bool = True
     ) -> Outcome:
         if not options.dry_run:
-            saved = await self._copy(ref) if save else None
+            saved, lapsed = await self._copy(ref) if save else (None, True)
             owner = await self.store.owner(ref)
             async with self.engine.begin() as conn:
-                first = await writer.quarantine_session(conn, ref, reason, detail, saved, owner)
+                first = await writer.quarantine_session(
+                    conn, ref, reason, detail, saved, owner, lapsed
+                )
             if first:  # counted once committed: a failed commit is met, and counted, again
                 self.metrics.quarantined.labels(reason=reason).inc()
         return Outcome(ref.session_id, "quarantined", reason=f"{reason}: {detail[:300]}")
 
-    async def _copy(self, ref: SessionRef) -> bytes | None:
+    async def _copy(self, ref: SessionRef) -> tuple[bytes | None, bool]:
         """The key's value as DUMP serializes it (any type, byte for byte), for its quarantine
         record: a quarantined session is not archived, and without a copy its key's expiry
-        would take every turn with it, the good ones too. None when the key grew past the
-        size limit since it was read, or Redis refuses DUMP (an ACL without it): the record
-        is made all the same, and marks an earlier copy as older than the key."""
+        would take every turn with it, the good ones too. Then whether the key as it is could
+        not be copied (it grew past the size limit since it was read, or Redis refuses DUMP,
+        an ACL without it): the record is made all the same, and marks an earlier copy as
+        older than the key. A key gone meanwhile leaves an earlier copy as it was."""
         try:
             saved = await self.redis.dump(ref.key)
         except ResponseError as exc:
             log.warning("quarantine_copy_refused", key=ref.key, detail=f"DUMP refused: {exc}")
-            return None
-        if not isinstance(saved, bytes) or len(saved) > self.settings.max_value_bytes:
-            return None
-        return saved
+            return None, True
+        if not isinstance(saved, bytes):
+            return None, False
+        if len(saved) > self.settings.max_value_bytes:
+            return None, True
+        return saved, False
 
 
 def _storable(turn: Turn) -> Turn:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.archive import writer
 from worker.archive.reader import RESTORED_SUMMARY
-from worker.archive.tables import sessions, summaries, turns
+from worker.archive.tables import quarantine, sessions, summaries, turns
 from worker.config import LayoutName, OnSummaryFailure, Settings
 from worker.domain import SessionRef, SummaryText, Turn
 from worker.hot.exclusive import holding
@@ -138,8 +138,16 @@ async def restore(
     ttl_ms = ttl_s * 1000
     lease_ms = int(settings.lease_ttl_s * 1000)
     async with holding(redis, [key], lease_ms, wait_s=settings.lease_ttl_s + 2):
-        if await redis.exists(key) and not force:
-            return _refused(result, "live state exists (use --force to replace it)")
+        if await redis.exists(key):
+            if not force:
+                return _refused(result, "live state exists (use --force to replace it)")
+            if await _quarantined(engine, key):
+                # Not archived: the turns it holds past the archive would be lost for good.
+                return _refused(
+                    result,
+                    "the live key is quarantined, and its turns since the archive are in no "
+                    "archive: move it away (RENAME) first; --force does not replace it",
+                )
         summary_id = await _record_summary(engine, found, summary_elements)
         value = None
         if layout.storage is Storage.STRING:
@@ -160,6 +168,14 @@ async def restore(
         )
     await _restore_metadata_hash(redis, settings, layout, found, ttl_ms, force)
     return result
+
+
+async def _quarantined(engine: AsyncEngine, key: str) -> bool:
+    async with engine.connect() as conn:
+        found = await conn.scalar(
+            select(quarantine.c.redis_key).where(quarantine.c.redis_key == key)
+        )
+    return found is not None
 
 
 async def _write(

@@ -78,14 +78,17 @@ async def forget_session(
             hot += [r for r in batch if r.session_id == session_id and not _adk_state(settings, r)]
     else:
         hot = [SessionRef(session_id, pattern.key_for(session_id))]
+    spared: list[SessionRef] = []
     if user_id is not None:
         hot = [ref for ref in hot if ref.user in (None, user_id)]
         if any(ref.user is None for ref in hot):
-            # The key does not name its user (the list layout): the archive, or the metadata
-            # hash, says whose it is. Another user's session is not this erasure's to touch.
+            # The key does not name its user (the list layout): the archive, the metadata
+            # hash, or the key's quarantine record says whose it is. Another user's session
+            # is not this erasure's to touch.
             owners = await _metadata_owners(redis, settings, hot)
-            claimed = {ref.user for ref in archived} | set(owners)
+            claimed = {ref.user for ref in archived} | set(owners) | quarantined_users
             if claimed - {None, user_id}:
+                spared = [ref for ref in hot if ref.user is None]
                 hot = [ref for ref in hot if ref.user is not None]
     elif len({ref.user for ref in archived + hot if ref.user is not None} | quarantined_users) > 1:
         keys = sorted({ref.key for ref in archived + hot} | {key for key, _ in quarantined})
@@ -96,7 +99,15 @@ async def forget_session(
     refs = _owned_by(archived, user_id) + hot
     # The id itself too: a quarantined session whose key expired is neither archived nor hot.
     return await _forget(
-        redis, engine, settings, "session", session_id, refs, owner=user_id, ids=[session_id]
+        redis,
+        engine,
+        settings,
+        "session",
+        session_id,
+        refs,
+        owner=user_id,
+        ids=[session_id],
+        spared=spared,
     )
 
 
@@ -138,6 +149,7 @@ async def _forget(
     every_session: bool = False,
     also: Sequence[str] = (),
     ids: Sequence[str] = (),
+    spared: Sequence[SessionRef] = (),
 ) -> ErasureCounts:
     pattern = KeyPattern.compile(settings.pattern)
     session_keys = {ref.key for ref in refs}
@@ -146,6 +158,11 @@ async def _forget(
     hot_keys = set(session_keys) | set(also)
     if settings.metadata_pattern:
         hot_keys |= {settings.metadata_pattern.replace("{id}", ref.session_id) for ref in refs}
+    # Another user's live session under this id (its metadata or quarantine record says so):
+    # an archived ref of nobody's must not bring its key back into the erasure.
+    hot_keys -= {ref.key for ref in spared}
+    if settings.metadata_pattern:
+        hot_keys -= {settings.metadata_pattern.replace("{id}", ref.session_id) for ref in spared}
     ids = sorted({ref.session_id for ref in refs} | set(ids))
     lease_ms = int(settings.lease_ttl_s * 1000)
     async with holding(redis, session_keys, lease_ms, wait_s=settings.lease_ttl_s + 2):
@@ -187,6 +204,7 @@ async def _erase_archive(
             select(sessions.c.session_id).where(sessions.c.user_id == owner).with_for_update()
         )
         ids = sorted({*ids, *rows.scalars()})
+    asked = ids
     if owner is not None:
         # A hot key of the user's may carry the id of another user's archived session (two ADK
         # users, one id: the second is quarantined): that archive is not the user's to erase.
@@ -210,7 +228,9 @@ async def _erase_archive(
         summaries=await count(delete(summaries).where(summaries.c.session_id.in_(ids))),
         gaps=await count(delete(gaps).where(gaps.c.session_id.in_(ids))),
         quarantine=await count(
-            delete(quarantine).where(_quarantine_records(ids, keys, owner, every_session))
+            # The ids as asked: the user's own quarantined key under another user's archived
+            # id (an id collision) is the user's to erase; the records say whose each is.
+            delete(quarantine).where(_quarantine_records(asked, keys, owner, every_session))
         ),
         sessions=await count(delete(sessions).where(sessions.c.session_id.in_(ids))),
         hot_keys=hot_keys_deleted,
@@ -225,9 +245,10 @@ def _quarantine_records(
     naming the user: a quarantined session whose key expired was never archived, and no key
     is left to find it by."""
     theirs = quarantine.c.user_id.is_not(None) & (quarantine.c.user_id != owner)
+    mine = ~theirs if owner is not None else true()
     return or_(
-        quarantine.c.redis_key.in_(keys),
-        quarantine.c.session_id.in_(ids) & (~theirs if owner is not None else true()),
+        quarantine.c.redis_key.in_(keys) & mine,
+        quarantine.c.session_id.in_(ids) & mine,
         quarantine.c.user_id == owner if every_session else false(),
     )
 

@@ -456,7 +456,12 @@ won AS (
         last_seen = now(),
         redis_key = excluded.redis_key,
         newest_first = excluded.newest_first,
-        user_id = coalesce(excluded.user_id, s.user_id),
+        -- excluded.user_id may be the quarantine record's: it only fills a NULL.
+        user_id = coalesce(
+            (SELECT v.user_id FROM v WHERE v.session_id = excluded.session_id),
+            s.user_id,
+            excluded.user_id
+        ),
         agent_id = coalesce(excluded.agent_id, s.agent_id),
         metadata = s.metadata || excluded.metadata
     WHERE s.turn_count = (SELECT v.expected FROM v WHERE v.session_id = excluded.session_id)

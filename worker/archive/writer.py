@@ -248,13 +248,15 @@ async def quarantine_session(
     detail: str,
     saved: bytes | None = None,
     user_id: str | None = None,
+    lapsed: bool = False,
 ) -> bool:
     """Record the key in quarantine; True when it was not there yet (every replica and every
     restart meets a quarantined key again, and only its first record is news).
 
     `saved` is the key's value as Redis DUMPs it: it replaces the record's copy when it
-    differs. None (a key too large to read, or DUMP refused) keeps an earlier copy, marked as
-    older than the key by a NULL digest: it is still the latest state there is."""
+    differs. None keeps an earlier copy; with `lapsed` (the key as it is now could not be
+    copied: too large, or DUMP refused) it is marked as older than the key by a NULL digest.
+    It is still the latest state there is."""
     values: dict[str, Any] = {
         "redis_key": ref.key,
         "session_id": ref.session_id,
@@ -269,7 +271,7 @@ async def quarantine_session(
         )
         if held != sha:  # the same copy is not sent again on every visit
             values |= {"saved_value": saved, "saved_sha256": sha, "saved_at": func.now()}
-    else:
+    elif lapsed:
         values["saved_sha256"] = None
     stmt = pg_insert(quarantine).values(**values)
     refreshed = {name: stmt.excluded[name] for name in values if name.startswith("saved_")}
