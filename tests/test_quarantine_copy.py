@@ -35,6 +35,25 @@ async def _saved(pg: asyncpg.Connection, key: str) -> asyncpg.Record | None:
     )
 
 
+ADK = {"CONSOLIDATOR_LAYOUT": "adk"}  # the command line's setting beside the test's
+
+
+def adk_settings(make_settings: Callable[..., Settings], prefix: str) -> tuple[Settings, str]:
+    """Settings for ADK keys, which name their app and user: and the key pattern."""
+    pattern = prefix + "adk:session:{app}:{user}:{id}"
+    return make_settings(layout="adk", key_pattern=pattern), pattern
+
+
+async def archived_once(settings: Settings, redis: Redis, name: str) -> tuple[str, str]:
+    """A session of one good turn, archived: its id and key."""
+    session_id = _id(name)
+    key = settings.pattern.replace("{id}", session_id)
+    await redis.rpush(key, GOOD_ELEMENT)
+    archived = await cli(settings, "flush", session_id, "--no-summarize")
+    assert archived.returncode == 0, archived.stderr
+    return session_id, key
+
+
 async def quarantined(
     settings: Settings,
     redis: Redis,
@@ -237,26 +256,24 @@ async def test_a_copy_the_key_outgrew_is_kept_and_said_to_be_older(
 async def test_a_user_erasure_leaves_another_users_copy_under_the_same_id(
     make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
 ) -> None:
-    pattern = prefix + "adk:session:{app}:{user}:{id}"
-    settings = make_settings(layout="adk", key_pattern=pattern)
-    adk = {"CONSOLIDATOR_LAYOUT": "adk"}
+    settings, pattern = adk_settings(make_settings, prefix)
     session_id = _id("q-adk")
     keys = {user: pattern.format(app="shop", user=user, id=session_id) for user in ("bob", "carol")}
     for key in keys.values():
         await redis.set(key, b"not an ADK session", ex=TTL_S)
-    flushed = await cli(settings, "flush", "--all", **adk)
+    flushed = await cli(settings, "flush", "--all", **ADK)
     assert flushed.stdout.count("quarantined") >= 2, flushed.stdout
     await redis.delete(*keys.values())  # both expired: only the copies are left
 
-    alices = await cli(settings, "forget", session_id, "--user", "alice", **adk)
+    alices = await cli(settings, "forget", session_id, "--user", "alice", **ADK)
     assert alices.returncode == 0, alices.stderr
     assert await _saved(pg, keys["bob"]) is not None and await _saved(pg, keys["carol"]) is not None
-    ambiguous = await cli(settings, "forget", session_id, **adk)
+    ambiguous = await cli(settings, "forget", session_id, **ADK)
     assert ambiguous.returncode != 0 and "more than one user" in ambiguous.stderr
-    bobs = await cli(settings, "forget", session_id, "--user", "bob", **adk)
+    bobs = await cli(settings, "forget", session_id, "--user", "bob", **ADK)
     assert bobs.returncode == 0 and "1 quarantine records" in bobs.stdout, bobs.stdout
     assert await _saved(pg, keys["bob"]) is None and await _saved(pg, keys["carol"]) is not None
-    carols = await cli(settings, "forget", session_id, **adk)  # one user left: no ambiguity
+    carols = await cli(settings, "forget", session_id, **ADK)  # one user left: no ambiguity
     assert carols.returncode == 0 and "1 quarantine records" in carols.stdout, carols.stdout
     assert await _saved(pg, keys["carol"]) is None
 
@@ -265,11 +282,7 @@ async def test_prune_keeps_a_fresh_copy_under_the_id_of_a_pruned_session(
     make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
 ) -> None:
     settings = make_settings()
-    session_id = _id("q-prune")
-    key = settings.pattern.replace("{id}", session_id)
-    await redis.rpush(key, GOOD_ELEMENT)
-    archived = await cli(settings, "flush", session_id, "--no-summarize")
-    assert archived.returncode == 0, archived.stderr
+    session_id, key = await archived_once(settings, redis, "q-prune")
     await pg.execute(
         "UPDATE sessions SET last_seen = now() - interval '100 days' WHERE session_id = $1",
         session_id,
@@ -344,9 +357,7 @@ async def test_a_redis_user_without_dump_still_quarantines_without_a_copy(
 async def test_forget_of_a_users_session_takes_their_copy_under_another_users_archived_id(
     make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
 ) -> None:
-    pattern = prefix + "adk:session:{app}:{user}:{id}"
-    settings = make_settings(layout="adk", key_pattern=pattern)
-    adk = {"CONSOLIDATOR_LAYOUT": "adk"}
+    settings, pattern = adk_settings(make_settings, prefix)
     session_id = _id("q-two")
     alices = pattern.format(app="shop", user="alice", id=session_id)
     await pg.execute(
@@ -357,11 +368,11 @@ async def test_forget_of_a_users_session_takes_their_copy_under_another_users_ar
     )
     bobs = pattern.format(app="shop", user="bob", id=session_id)
     await redis.set(bobs, b"not an ADK session", ex=TTL_S)
-    flushed = await cli(settings, "flush", "--all", **adk)
+    flushed = await cli(settings, "flush", "--all", **ADK)
     assert "quarantined" in flushed.stdout, flushed.stdout
     await redis.delete(bobs)  # expired: only the copy is left
 
-    forgot = await cli(settings, "forget", session_id, "--user", "bob", **adk)
+    forgot = await cli(settings, "forget", session_id, "--user", "bob", **ADK)
     assert forgot.returncode == 0 and "1 quarantine records" in forgot.stdout, forgot.stdout
     assert await _saved(pg, bobs) is None
     assert await pg.fetchval("SELECT user_id FROM sessions WHERE session_id = $1", session_id) == (
@@ -392,11 +403,7 @@ async def test_forget_of_another_users_id_spares_their_live_key_beside_an_unowne
     make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
 ) -> None:
     settings = make_settings(metadata_pattern=prefix + "session:{id}")
-    session_id = _id("q-unowned")
-    key = settings.pattern.replace("{id}", session_id)
-    await redis.rpush(key, GOOD_ELEMENT)
-    archived = await cli(settings, "flush", session_id, "--no-summarize")  # no metadata yet
-    assert archived.returncode == 0, archived.stderr
+    session_id, key = await archived_once(settings, redis, "q-unowned")  # no metadata yet
     metadata = f"{prefix}session:{session_id}"
     await redis.hset(metadata, "user_id", "bob")
     await redis.rpush(key, agents.element("user", "bob's turn, not archived yet"))
@@ -411,11 +418,7 @@ async def test_restore_force_from_the_archive_does_not_replace_a_live_quarantine
     make_settings: Callable[..., Settings], redis: Redis, pg: asyncpg.Connection
 ) -> None:
     settings = make_settings()
-    session_id = _id("q-force")
-    key = settings.pattern.replace("{id}", session_id)
-    await redis.rpush(key, GOOD_ELEMENT)
-    archived = await cli(settings, "flush", session_id, "--no-summarize")
-    assert archived.returncode == 0, archived.stderr
+    session_id, key = await archived_once(settings, redis, "q-force")
     later = agents.element("user", "written after the archive")
     await redis.rpush(key, BAD_ELEMENT, later)
     await cli(settings, "flush", session_id)
