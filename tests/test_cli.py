@@ -514,12 +514,23 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default handling, as an operator's shell gives a command: a test run started
+    in the background (`make test &`) inherits SIGINT ignored, and so would the command."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def _running_once_archiving(
     pg: asyncpg.Connection, prefix: str, sessions: int, env: dict[str, str], *args: str
 ) -> asyncio.subprocess.Process:
     """`consolidator ARGS`, returned once it has archived `sessions` sessions (or after 30 s)."""
     proc = await asyncio.create_subprocess_exec(
-        *CLI, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        *CLI,
+        *args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_as_from_a_terminal,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
