@@ -44,6 +44,22 @@ def adk_settings(make_settings: Callable[..., Settings], prefix: str) -> tuple[S
     return make_settings(layout="adk", key_pattern=pattern), pattern
 
 
+async def quarantined_of(
+    settings: Settings, redis: Redis, pg: asyncpg.Connection, name: str, owner: str
+) -> tuple[str, str]:
+    """A malformed session whose metadata hash names `owner`, quarantined: its id and key."""
+    metadata = settings.metadata_pattern
+    assert metadata is not None
+
+    async def write(key: str) -> None:
+        session_id = key.split(":")[-2]  # conversation:{id}:history
+        await redis.hset(metadata.replace("{id}", session_id), "user_id", owner)
+        await redis.rpush(key, GOOD_ELEMENT, BAD_ELEMENT)
+
+    session_id, key, _ = await quarantined(settings, redis, pg, name, write)
+    return session_id, key
+
+
 async def archived_once(settings: Settings, redis: Redis, name: str) -> tuple[str, str]:
     """A session of one good turn, archived: its id and key."""
     session_id = _id(name)
@@ -143,12 +159,12 @@ async def test_a_key_of_the_wrong_type_comes_back_as_it_was_and_is_not_overwritt
     session_id, key, record = await quarantined(settings, redis, pg, "q-hash", write_hash)
     assert record["reason"] == "wrong_type"
 
+    await redis.hset(key, b"content", b"changed by the agent since")
     refused = await cli(settings, "restore", session_id, "--quarantined")
     assert refused.returncode == 1 and f"{key} exists" in refused.stderr, refused.stderr
     # A live quarantined key's turns since the copy are in no archive: never replaced.
     forced = await cli(settings, "restore", session_id, "--quarantined", "--force")
     assert forced.returncode == 2, forced.stderr
-    await redis.hset(key, b"content", b"changed by the agent since")
     assert await redis.hget(key, b"content") == b"changed by the agent since"
     await redis.delete(key)
     restored = await cli(settings, "restore", session_id, "--quarantined")
@@ -204,12 +220,7 @@ async def test_forget_user_erases_a_copy_whose_key_and_metadata_expired(
     others = _id("u-other")
 
     async def session_of(owner: str) -> tuple[str, str]:
-        async def write(key: str) -> None:
-            session_id = key.split(":")[-2]
-            await redis.hset(f"{prefix}session:{session_id}", "user_id", owner)
-            await redis.rpush(key, GOOD_ELEMENT, BAD_ELEMENT)
-
-        session_id, key, _ = await quarantined(settings, redis, pg, "q-user", write)
+        session_id, key = await quarantined_of(settings, redis, pg, "q-user", owner)
         # Both keys expire: nothing in Redis names the user any more.
         await redis.delete(key, f"{prefix}session:{session_id}")
         return session_id, key
@@ -302,13 +313,7 @@ async def test_a_restored_key_keeps_its_user_once_archived(
 ) -> None:
     settings = make_settings(metadata_pattern=prefix + "session:{id}")
     user = _id("u-back")
-
-    async def write(key: str) -> None:
-        session_id = key.split(":")[-2]
-        await redis.hset(f"{prefix}session:{session_id}", "user_id", user)
-        await redis.rpush(key, GOOD_ELEMENT, BAD_ELEMENT)
-
-    session_id, key, _ = await quarantined(settings, redis, pg, "q-owner", write)
+    session_id, key = await quarantined_of(settings, redis, pg, "q-owner", user)
     await redis.delete(key, f"{prefix}session:{session_id}")
     restored = await cli(settings, "restore", session_id, "--quarantined")
     assert restored.returncode == 0, restored.stderr
@@ -384,12 +389,7 @@ async def test_forget_of_another_users_id_spares_a_quarantined_key_its_record_na
     make_settings: Callable[..., Settings], prefix: str, redis: Redis, pg: asyncpg.Connection
 ) -> None:
     settings = make_settings(metadata_pattern=prefix + "session:{id}")
-
-    async def bobs(key: str) -> None:
-        await redis.hset(f"{prefix}session:{key.split(':')[-2]}", "user_id", "bob")
-        await redis.rpush(key, GOOD_ELEMENT, BAD_ELEMENT)
-
-    session_id, key, _ = await quarantined(settings, redis, pg, "q-spare", bobs)
+    session_id, key = await quarantined_of(settings, redis, pg, "q-spare", "bob")
     await redis.delete(f"{prefix}session:{session_id}")  # the metadata expired, the key lives
     live = await redis.lrange(key, 0, -1)
 

@@ -281,8 +281,8 @@ def restore(
         bool,
         typer.Option(
             "--quarantined",
-            help="Put back the session's quarantined keys as they were when last seen, from "
-            "the copies their quarantine records keep.",
+            help="Put back the session's quarantined keys that are gone, from the copies "
+            "their quarantine records keep (each as it was when last copied).",
         ),
     ] = False,
 ) -> None:

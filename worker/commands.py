@@ -414,7 +414,7 @@ async def stats_main(settings: Settings, *, as_json: bool) -> int:
         if q.saved_bytes is not None:
             print(
                 f"    copy: {q.saved_bytes} bytes, saved {q.saved_at:%Y-%m-%d %H:%M:%S %Z}; if "
-                f"the key is gone: consolidator restore {shlex.quote(q.session_id)} --quarantined"
+                f"the key is gone: {_put_back_command(q.session_id)}"
             )
             if not q.saved_current:
                 print(f"    note: {STALE_COPY}")
@@ -427,6 +427,10 @@ async def stats_main(settings: Settings, *, as_json: bool) -> int:
 
 def _retry_command(session_id: str) -> str:
     return f"consolidator flush {shlex.quote(session_id)}"
+
+
+def _put_back_command(session_id: str) -> str:
+    return f"consolidator restore {shlex.quote(session_id)} --quarantined"
 
 
 # --- The archive as a product: search, restore, forget, prune -------------------------------
@@ -545,9 +549,8 @@ async def restore_main(
             return 1
         if result.status is RestoreStatus.NOTHING:
             hint = ""
-            if await ArchiveReader(engine).is_quarantined(session_id):
-                again = f"consolidator restore {shlex.quote(session_id)} --quarantined"
-                hint = f"; it is quarantined: {again}"
+            if await ArchiveReader(engine).is_quarantined(session_id=session_id):
+                hint = f"; it is quarantined: {_put_back_command(session_id)}"
             print(
                 f"consolidator: {result.reason} for session {session_id!r}{hint}", file=sys.stderr
             )

@@ -20,8 +20,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from worker.archive import writer
-from worker.archive.reader import RESTORED_SUMMARY
-from worker.archive.tables import quarantine, sessions, summaries, turns
+from worker.archive.reader import RESTORED_SUMMARY, ArchiveReader
+from worker.archive.tables import sessions, summaries, turns
 from worker.config import LayoutName, OnSummaryFailure, Settings
 from worker.domain import SessionRef, SummaryText, Turn
 from worker.hot.exclusive import holding
@@ -141,7 +141,7 @@ async def restore(
         if await redis.exists(key):
             if not force:
                 return _refused(result, "live state exists (use --force to replace it)")
-            if await _quarantined(engine, key):
+            if await ArchiveReader(engine).is_quarantined(key=key):
                 # Not archived: the turns it holds past the archive would be lost for good.
                 return _refused(
                     result,
@@ -168,14 +168,6 @@ async def restore(
         )
     await _restore_metadata_hash(redis, settings, layout, found, ttl_ms, force)
     return result
-
-
-async def _quarantined(engine: AsyncEngine, key: str) -> bool:
-    async with engine.connect() as conn:
-        found = await conn.scalar(
-            select(quarantine.c.redis_key).where(quarantine.c.redis_key == key)
-        )
-    return found is not None
 
 
 async def _write(

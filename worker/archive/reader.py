@@ -179,11 +179,15 @@ class ArchiveReader:
         result["archive_bytes"] = int(size)
         return result
 
-    async def is_quarantined(self, session_id: str) -> bool:
+    async def is_quarantined(
+        self, *, session_id: str | None = None, key: str | None = None
+    ) -> bool:
+        """Whether a quarantine record names this session id, or this key."""
+        where = (
+            quarantine.c.session_id == session_id if key is None else quarantine.c.redis_key == key
+        )
         async with self._engine.connect() as conn:
-            found = await conn.scalar(
-                select(quarantine.c.redis_key).where(quarantine.c.session_id == session_id).limit(1)
-            )
+            found = await conn.scalar(select(quarantine.c.redis_key).where(where).limit(1))
         return found is not None
 
     async def quarantined(self, limit: int = 50) -> list[QuarantinedKey]:
