@@ -96,6 +96,7 @@ class Options:
     agent_rate: float
     agent_seconds: float
     agent_sessions: int
+    agent_flush_sessions: int
     daemon_nice: tuple[int, ...]
     daemon_paces: tuple[float, ...]
     skip: frozenset[str]
@@ -147,6 +148,13 @@ def parse_options(argv: Sequence[str]) -> Options:
     p.add_argument("--agent-seconds", type=float, default=8.0, help="agent measuring window")
     p.add_argument("--agent-sessions", type=int, default=200, help="sessions the agents write")
     p.add_argument(
+        "--agent-flush-sessions",
+        type=int,
+        default=3000,
+        help="sessions the daemon works through while the agents measure (enough to outlast "
+        "the window)",
+    )
+    p.add_argument(
         "--daemon-nice",
         default="0,19",
         help="niceness of the daemon while the agents measure, one run each (the first counts)",
@@ -165,7 +173,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         a.sessions, a.unrelated, a.naive_sessions, a.runs = 200, 20_000, 10, 1
         a.model_levels, a.model_rounds = "1,8,32", 3
         a.scan_sizes, a.memory_sizes, a.scan_repeats = "10000,100000", "10000,100000", 2
-        a.memory_due, a.agent_seconds = 100, 4.0
+        a.memory_due, a.agent_seconds, a.agent_flush_sessions = 100, 4.0, 1000
     skip = frozenset(s.strip() for s in a.skip.split(",") if s.strip())
     if unknown := skip - set(SECTIONS):
         p.error(f"--skip: unknown sections {sorted(unknown)}")
@@ -189,6 +197,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         agent_rate=a.agent_rate,
         agent_seconds=a.agent_seconds,
         agent_sessions=a.agent_sessions,
+        agent_flush_sessions=a.agent_flush_sessions,
         daemon_nice=_ints(a.daemon_nice),
         daemon_paces=tuple(float(x) for x in a.daemon_paces.split(",") if x.strip()),
         skip=skip,
@@ -1164,7 +1173,8 @@ async def bench_agents(o: Options, redis: Redis, prefix: str, report: Report) ->
     report.agents_alone = await run_agents(o, redis, pattern)
     say(f"   alone: append p99 {report.agents_alone.append.p99_ms:.2f} ms")
 
-    sessions = {f"s{i:06d}": s for i, s in enumerate(work.sessions(o.sessions, o.turns_mean))}
+    flushed = work.sessions(o.agent_flush_sessions, o.turns_mean)
+    sessions = {f"s{i:06d}": s for i, s in enumerate(flushed)}
     _, turn_rows = copy_rows(dict(list(sessions.items())[:100]), pattern)
     async with postgres_copying(turn_rows) as load:
         report.agents_postgres = await run_agents(o, redis, pattern)
@@ -1488,7 +1498,8 @@ def _details(r: Report) -> list[str]:
             f"**4. Agents' latency.** A separate process, {o.agent_sessions} sessions, "
             f"{o.agent_rate:.0f} appends/s (RPUSH then EXPIRE) and {o.agent_rate:.0f} reads/s "
             f"(LRANGE 0 -1) for {o.agent_seconds:.0f} s after a warm-up, each op timed by the "
-            f"agent, while `consolidator flush --all` works through {o.sessions:,} sessions "
+            "agent, while `consolidator flush --all` works through "
+            f"{o.agent_flush_sessions:,} sessions "
             "(the agents' own sessions among them), with the settings of section 1. Redis "
             "µs/call is Redis's own time per "
             "command (INFO commandstats) over the window: what the server spends, without the "
