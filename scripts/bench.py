@@ -511,6 +511,13 @@ def flat_out_env(o: Options, pattern: str) -> dict[str, str]:
     )
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """Ctrl-C's default handling, as an operator's shell gives a command: a bench started in
+    the background inherits SIGINT ignored, and so would the daemon, which then goes on after
+    the paced runs' Ctrl-C until its whole workload is done."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Daemon:
     """`consolidator ARGS` as its own process; the peak RSS comes from the kernel (wait4)."""
 
@@ -526,6 +533,7 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            preexec_fn=_sigint_as_from_a_terminal,
         )
 
     def running(self) -> bool:
