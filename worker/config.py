@@ -128,8 +128,9 @@ class Settings(BaseSettings):
     gemini_usd_per_million_out: float = Field(default=2.50, ge=0)
     summary_fallback: bool = False  # extractive summary when the model fails
     # Worker processes for the offline summarizer (0: on the event loop). They take the
-    # summarizer's CPU to other cores: a backlog goes a third faster with 2 on 2 cores, but the
-    # agents on those cores wait longer for a CPU, so the default leaves them off.
+    # summarizer's CPU to other cores: a backlog went a fifth faster with 2 on 2 cores (as many
+    # sessions in flight), but the agents on those cores wait longer for a CPU, so the default
+    # leaves them off.
     summary_processes: int = Field(default=0, ge=0, le=64)
     fold_max_tokens: int = Field(default=24_000, ge=100)  # most a single fold sends to the model
 
