@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import asyncpg
@@ -380,15 +380,27 @@ async def test_a_metrics_port_already_taken_is_one_line_and_exit_2(
     assert f"consolidator: metrics port {port}:" in done.stderr and "Traceback" not in done.stderr
 
 
-async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current_or_back(
-    make_settings: Callable[..., Settings], database_url: str
-) -> None:
-    name = f"consolidator_cli_{os.getpid()}"
-    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+def _plain(url: str) -> str:
+    return url.replace("postgresql+asyncpg", "postgresql")
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(database_url: str, name: str) -> AsyncIterator[str]:
+    """A database of its own (its URL), for tests that take the schema back and forth."""
+    admin = await asyncpg.connect(_plain(database_url))
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        url = database_url.rsplit("/", 1)[0] + f"/{name}"
+        yield database_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current_or_back(
+    make_settings: Callable[..., Settings], database_url: str
+) -> None:
+    async with scratch_database(database_url, f"consolidator_cli_{os.getpid()}") as url:
         settings = make_settings(database_url=url)
         refused = await cli(settings, "run", "--once")
         assert refused.returncode == 2 and "consolidator migrate" in refused.stderr
@@ -399,7 +411,7 @@ async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current_or_bac
 
         # A long transaction holds the table: the migration gives up rather than queue every
         # daemon's query behind its wait.
-        holder = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        holder = await asyncpg.connect(_plain(url))
         try:
             async with holder.transaction():
                 await holder.execute("LOCK TABLE sessions IN ACCESS SHARE MODE")
@@ -411,7 +423,7 @@ async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current_or_bac
         # Before rolling back to the previous version: the schema goes back with this one.
         back = await cli(settings, "migrate", "--to", "0002")
         assert (back.returncode, back.stdout) == (0, "schema at 0002\n"), back.stderr
-        db = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+        db = await asyncpg.connect(_plain(url))
         try:
             columns = await db.fetch(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = 'sessions'"
@@ -431,9 +443,44 @@ async def test_daemon_refuses_an_old_schema_and_migrate_brings_it_current_or_bac
             assert unknown.returncode == 2 and "no schema revision '9999'" in unknown.stderr
         finally:
             await db.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+
+
+async def test_a_downgrade_that_would_drop_data_refuses_until_told_and_says_what_went(
+    make_settings: Callable[..., Settings], database_url: str, redis: Redis
+) -> None:
+    async with scratch_database(database_url, f"consolidator_drop_{os.getpid()}") as url:
+        settings = make_settings(database_url=url)
+        assert (await cli(settings, "migrate")).returncode == 0
+        # What the newer schema holds, as the daemon writes it: a list order recorded for an
+        # archived session, and the copy of a quarantined key.
+        await agents.conversation(redis, settings.pattern.replace("{id}", "kept"), 8)
+        broken = settings.pattern.replace("{id}", "broken")
+        await redis.rpush(broken, agents.element("user", "fine"), b"{not json")
+        ran = await cli(settings, "run", "--once")
+        assert ran.returncode == 0, ran.stderr
+        db = await asyncpg.connect(_plain(url))
+        try:
+            copies = "SELECT count(*) FROM quarantine WHERE saved_value IS NOT NULL"
+            assert await db.fetchval(copies) == 1
+
+            refused = await cli(settings, "migrate", "--to", "0002")
+            assert refused.returncode == 2, refused.stderr
+            assert "would drop copies of quarantined keys: 1" in refused.stderr
+            assert "--drop-data" in refused.stderr
+            assert await db.fetchval("SELECT version_num FROM alembic_version") == "0004"
+            assert await db.fetchval(copies) == 1
+
+            told = await cli(settings, "migrate", "--to", "0002", "--drop-data")
+            assert told.returncode == 0, told.stderr
+            assert told.stdout == (
+                "dropped copies of quarantined keys: 1 (schema 0004)\n"
+                "dropped list orders recorded for sessions: 1 (schema 0003)\n"
+                "schema at 0002\n"
+            )
+            # The quarantine record itself stays: the older version knows it.
+            assert await db.fetchval("SELECT count(*) FROM quarantine") == 1
+        finally:
+            await db.close()
 
 
 async def test_sigterm_drains_and_exits_0_within_the_grace_period(

@@ -170,18 +170,34 @@ def migrate(
             "database's downgrades it (before rolling back to an older version).",
         ),
     ] = "head",
+    drop_data: Annotated[
+        bool,
+        typer.Option(
+            "--drop-data",
+            help="Let a downgrade drop what the newer schema holds (it refuses otherwise, "
+            "and says what it would drop).",
+        ),
+    ] = False,
 ) -> None:
     """Apply the archive's schema migrations."""
-    from worker.archive.schema import UnknownRevision, current_revision_of, migrate_to
+    from worker.archive.schema import (
+        DataWouldBeLost,
+        UnknownRevision,
+        current_revision_of,
+        migrate_to,
+    )
 
     settings = _settings()
     try:
-        migrate_to(settings.database_url, to, current_revision_of(settings.database_url))
-    except UnknownRevision as exc:
+        current = current_revision_of(settings.database_url)
+        dropped = migrate_to(settings.database_url, to, current, drop_data=drop_data)
+    except (UnknownRevision, DataWouldBeLost) as exc:
         _usage_error(f"migrate: {exc}")
     except Exception as exc:
         print(f"consolidator: migrate failed: {exc}", file=sys.stderr)
         raise typer.Exit(1) from exc
+    for what in dropped:
+        print(f"dropped {what}")
     print(f"schema at {current_revision_of(settings.database_url)}")
 
 

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from worker.archive.schema import guard_downgrade
+
 revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
@@ -31,4 +33,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    guard_downgrade(
+        "sessions", "newest_first IS NOT NULL", "list orders recorded for sessions", "0003"
+    )
     op.drop_column("sessions", "newest_first")

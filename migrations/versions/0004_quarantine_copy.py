@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from worker.archive.schema import guard_downgrade
+
 revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
@@ -37,6 +39,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # A copy may be all that is left of a conversation whose key expired.
+    guard_downgrade("quarantine", "saved_value IS NOT NULL", "copies of quarantined keys", "0004")
     op.drop_index("ix_quarantine_user_id", table_name="quarantine")
     for column in ("user_id", "saved_at", "saved_sha256", "saved_value"):
         op.drop_column("quarantine", column)

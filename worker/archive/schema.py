@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from alembic import command
+from alembic import command, context, op
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
@@ -50,11 +50,41 @@ class UnknownRevision(ValueError):
     pass
 
 
-def migrate_to(database_url: str, target: str, current: str | None) -> None:
+class DataWouldBeLost(RuntimeError):
+    """A downgrade would drop data, and the operator did not say to (`migrate --drop-data`)."""
+
+
+def guard_downgrade(table: str, holding: str, what: str, below: str) -> None:
+    """Called by a migration's downgrade before it drops columns of `table`: counts the rows
+    `holding` data there, refuses unless the operator said to drop it, and notes what went.
+    The table is locked first, so the count is what the drop takes: a writer that comes later
+    waits for the downgrade, then finds the column gone."""
+    if context.is_offline_mode():
+        return  # a generated script: nothing to count
+    op.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    count = op.get_bind().execute(text(f"SELECT count(*) FROM {table} WHERE {holding}"))
+    found = int(count.scalar_one())
+    if not found:
+        return
+    attributes = context.config.attributes
+    lost = f"{what}: {found}"
+    if not attributes.get("drop_data"):
+        raise DataWouldBeLost(
+            f"taking the schema below {below} would drop {lost}; nothing was changed "
+            "(run it again with --drop-data to drop them)"
+        )
+    attributes.setdefault("dropped", []).append(f"{lost} (schema {below})")
+
+
+def migrate_to(
+    database_url: str, target: str, current: str | None, *, drop_data: bool = False
+) -> list[str]:
     """Upgrade to `target`, or downgrade to it when the database (at `current`) is past it:
-    how an operator takes the schema back before rolling back to an older version.
-    Blocking: call it outside the event loop."""
+    how an operator takes the schema back before rolling back to an older version. A
+    downgrade that would drop data raises DataWouldBeLost unless `drop_data`; what it dropped
+    is returned. Blocking: call it outside the event loop."""
     config = alembic_config(database_url)
+    config.attributes["drop_data"] = drop_data
     known = _known_revisions(config)
     if target != "head" and target not in known:
         raise UnknownRevision(f"no schema revision {target!r} here (known: {', '.join(known)})")
@@ -67,6 +97,7 @@ def migrate_to(database_url: str, target: str, current: str | None) -> None:
         command.downgrade(config, target)
     else:
         command.upgrade(config, target)
+    return list(config.attributes.get("dropped", []))
 
 
 def outdated_message(found: str | None, wanted: str | None, database_url: str) -> str:
