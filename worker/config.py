@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     # agents: at full speed archiving costs them latency (see the README's benchmark). Sessions
     # about to expire are never held back by it. None: no ceiling.
     max_sessions_per_s: float | None = Field(default=None, gt=0)
+    # Percent: while some task waits for a CPU more of the time than this (Linux's PSI, from
+    # cpu_pressure_file), the daemon slows down, and it speeds up again once below; for a
+    # daemon on the agents' cores that should take only what they leave. None: off.
+    max_cpu_pressure: float | None = Field(default=None, gt=0, le=100)
+    # The machine's figures; a container may follow its own cgroup's cpu.pressure instead.
+    cpu_pressure_file: Path = Path("/proc/pressure/cpu")
     lease_ttl_s: float = Field(default=60.0, ge=0.1, le=86_400)  # Redis needs whole ms
     drain_grace_s: float = Field(default=20.0, ge=0)
     max_value_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -174,9 +180,9 @@ class Settings(BaseSettings):
             raise ValueError("must contain {id} exactly once")
         return value
 
-    @field_validator("max_sessions_per_s", mode="before")
+    @field_validator("max_sessions_per_s", "max_cpu_pressure", mode="before")
     @classmethod
-    def _no_ceiling_when_empty(cls, value: object) -> object:
+    def _no_limit_when_empty(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("retention", mode="before")

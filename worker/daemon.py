@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -13,7 +14,6 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from aiolimiter import AsyncLimiter
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -24,6 +24,7 @@ from worker.domain import Candidate, Outcome, SessionRef, Trigger
 from worker.hot.keys import KeyPattern
 from worker.hot.leases import release_leftovers
 from worker.hot.scanner import Probe, scan_and_probe
+from worker.pacing import CpuPressure, Pace, follow_cpu_pressure
 from worker.pipeline import Options, Pipeline
 from worker.policy import classify
 
@@ -106,7 +107,10 @@ class Daemon:
         self._pruning: asyncio.Task[None] | None = None
         self._halt: asyncio.Event | None = None  # set to end the current pass early
         self._outage: BaseException | None = None  # why it ended early
-        self._pace = _pace(self.settings.max_sessions_per_s)
+        self._pace = Pace(self.settings.max_sessions_per_s)
+        self._pressure = CpuPressure(self.settings.cpu_pressure_file)
+        ceiling = self.settings.max_sessions_per_s
+        self.metrics.pace.set(math.inf if ceiling is None else ceiling)
         self.cut_short = False  # the last pass ended at its time limit (see run_once)
 
     async def find_work(self) -> list[tuple[Candidate, Probe]]:
@@ -192,15 +196,29 @@ class Daemon:
                 if on_outcome is not None:
                     on_outcome(outcome)
 
-        async with asyncio.TaskGroup() as group:
-            for i in range(self.settings.concurrency):
-                group.create_task(work(), name=f"consolidate-{i}")
+        following = self._follow_pressure()
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i in range(self.settings.concurrency):
+                    group.create_task(work(), name=f"consolidate-{i}")
+        finally:
+            if following is not None:
+                await cancel_and_wait(following)
         return outcomes
+
+    def _follow_pressure(self) -> asyncio.Task[None] | None:
+        """With CONSOLIDATOR_MAX_CPU_PRESSURE, the task that adapts the pace while sessions
+        are being taken; the limit it reached carries over to the next pass."""
+        limit = self.settings.max_cpu_pressure
+        if limit is None:
+            return None
+        follow = follow_cpu_pressure(self._pace, self._pressure, limit / 100, self.metrics)
+        return asyncio.create_task(follow, name="follow-cpu-pressure")
 
     async def _may_start(self, stop: asyncio.Event | None, until: float | None) -> bool:
         """Whether a session that is not about to expire may start now, after waiting for
         the pace if there is one; False on stop or once `until` has passed."""
-        allowed = self._pace is None or await _paced(self._pace, stop, until)
+        allowed = await _paced(self._pace, stop, until)
         stopped = stop is not None and stop.is_set()
         late = until is not None and time.monotonic() >= until
         return allowed and not stopped and not late
@@ -309,22 +327,16 @@ class Daemon:
             await cancel_and_wait(self._pruning)
 
 
-def _pace(per_second: float | None) -> AsyncLimiter | None:
-    """The limiter for CONSOLIDATOR_MAX_SESSIONS_PER_S: one session every 1/rate seconds,
-    evenly spaced, since a burst of sessions is a burst of archive writes the agents feel."""
-    if per_second is None:
-        return None
-    return AsyncLimiter(1, 1 / per_second)
-
-
-async def _paced(pace: AsyncLimiter, stop: asyncio.Event | None, until: float | None) -> bool:
+async def _paced(pace: Pace, stop: asyncio.Event | None, until: float | None) -> bool:
     """Wait for the pace to allow one more session; False if `stop` or the time `until`
     (monotonic) came first (the caller tells which), so a slow pace never holds up a shutdown
     or a fresh scan."""
-    if stop is None and until is None:
-        await pace.acquire()
+    if pace.start_now():
         return True
-    allowed = asyncio.ensure_future(pace.acquire())
+    if stop is None and until is None:
+        await pace.wait()
+        return True
+    allowed = asyncio.ensure_future(pace.wait())
     waits: set[asyncio.Future[Any]] = {allowed}
     if stop is not None:
         waits.add(asyncio.ensure_future(stop.wait()))

@@ -135,6 +135,18 @@ class Metrics:
             "consolidator_sessions_in_flight", "Sessions being consolidated now", registry=r
         )
         self.ready = Gauge("consolidator_ready", "1 when Redis and PostgreSQL answer", registry=r)
+        self.pace = Gauge(
+            "consolidator_pace_sessions_per_second",
+            "Sessions not about to expire that the daemon may start a second, the lower of "
+            "CONSOLIDATOR_MAX_SESSIONS_PER_S and the CPU pressure's limit (+Inf: no limit)",
+            registry=r,
+        )
+        self.cpu_pressure = Gauge(
+            "consolidator_cpu_pressure",
+            "Share of the last interval in which some task waited for a CPU (PSI), read when "
+            "CONSOLIDATOR_MAX_CPU_PRESSURE is set",
+            registry=r,
+        )
 
     def observe(self, outcome: Outcome) -> None:
         self.sessions.labels(status=outcome.status).inc()
