@@ -99,6 +99,7 @@ class Options:
     agent_flush_sessions: int
     daemon_nice: tuple[int, ...]
     daemon_paces: tuple[float, ...]
+    daemon_pressures: tuple[float, ...]
     skip: frozenset[str]
     output: Path
     seed: int
@@ -164,6 +165,11 @@ def parse_options(argv: Sequence[str]) -> Options:
         default="20,10,5",
         help="CONSOLIDATOR_MAX_SESSIONS_PER_S values to measure the agents at, one run each",
     )
+    p.add_argument(
+        "--daemon-pressures",
+        default="5,10",
+        help="CONSOLIDATOR_MAX_CPU_PRESSURE values (%%) to measure the agents at, one run each",
+    )
     p.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
     p.add_argument("--quick", action="store_true", help="small sizes, to try the bench out")
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results.md")
@@ -199,11 +205,16 @@ def parse_options(argv: Sequence[str]) -> Options:
         agent_sessions=a.agent_sessions,
         agent_flush_sessions=a.agent_flush_sessions,
         daemon_nice=_ints(a.daemon_nice),
-        daemon_paces=tuple(float(x) for x in a.daemon_paces.split(",") if x.strip()),
+        daemon_paces=_floats(a.daemon_paces),
+        daemon_pressures=_floats(a.daemon_pressures),
         skip=skip,
         output=a.output,
         seed=a.seed,
     )
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -423,6 +434,17 @@ def cpu_wait_s(pid: int | str = "self") -> float | None:
         with open(f"/proc/{pid}/schedstat") as f:
             return int(f.read().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_stalled_s() -> float | None:
+    """Seconds in which some task on this machine waited for a CPU (the kernel's PSI), or
+    None where the kernel keeps no such figures."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline().split()
+        return int(dict(field.split("=") for field in some[1:])["total"]) / 1e6
+    except (OSError, IndexError, KeyError, ValueError):
         return None
 
 
@@ -1003,6 +1025,9 @@ class AgentRun:
     # Share of the window each spent runnable but without a CPU (schedstat), when known.
     agents_cpu_wait: float | None = None
     redis_cpu_wait: float | None = None
+    # Share of the window in which any task on this machine waited for a CPU (PSI), when known.
+    cpu_pressure: float | None = None
+    daemon_sessions_per_s: float | None = None  # sessions it archived over the window
 
 
 AGENT_COMMANDS = ("rpush", "expire", "lrange")
@@ -1088,6 +1113,8 @@ async def run_agents(o: Options, redis: Redis, pattern: str) -> AgentRun:
     before = await command_usec(redis)
     redis_pid = await local_redis_pid(redis)
     redis_waited = None if redis_pid is None else cpu_wait_s(redis_pid)
+    stalled = cpu_stalled_s()
+    archived = (await archive_counts())[0]
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -1106,7 +1133,9 @@ async def run_agents(o: Options, redis: Redis, pattern: str) -> AgentRun:
         raise RuntimeError("the agents' process failed")
     data = json.loads(out.decode().strip().splitlines()[-1])
     redis_waited = _delta(redis_waited, None if redis_pid is None else cpu_wait_s(redis_pid))
+    stalled = _delta(stalled, cpu_stalled_s())
     elapsed = time.perf_counter() - started
+    archived = (await archive_counts())[0] - archived
     after = await command_usec(redis)
     # Mean time Redis itself spent on each command (every client's, the agents' by far most).
     served = {
@@ -1121,6 +1150,8 @@ async def run_agents(o: Options, redis: Redis, pattern: str) -> AgentRun:
         served,
         agents_cpu_wait=data["cpu_wait"],
         redis_cpu_wait=None if redis_waited is None else redis_waited / elapsed,
+        cpu_pressure=None if stalled is None else stalled / elapsed,
+        daemon_sessions_per_s=archived / elapsed,
     )
 
 
@@ -1204,19 +1235,36 @@ async def bench_agents(o: Options, redis: Redis, prefix: str, report: Report) ->
             f"{'busy throughout' if busy.daemon_busy else 'finished early'}, exit {run.code})"
         )
     for pace in o.daemon_paces:
-        await truncate_archive()
-        await load_sessions(redis, pattern, sessions)
-        daemon = Daemon(["flush", "--all"], env | {"CONSOLIDATOR_MAX_SESSIONS_PER_S": str(pace)})
-        await wait_for_archiving(daemon)
-        busy = await run_agents(o, redis, pattern)
-        busy.daemon_busy = daemon.running()
-        # At this pace the flush would take minutes: Ctrl-C ends it (in-flight sessions are
-        # abandoned safely, their leases released), as an operator would.
-        daemon.proc.send_signal(signal.SIGINT)
-        await daemon.wait()
+        slowed = {"CONSOLIDATOR_MAX_SESSIONS_PER_S": str(pace)}
+        busy = await agents_beside_slowed_daemon(o, redis, pattern, sessions, env | slowed)
         report.agents_paced[pace] = busy
         say(f"   with the daemon at {pace:g} sessions/s: append p99 {busy.append.p99_ms:.2f} ms")
+    for limit in o.daemon_pressures:
+        slowed = {"CONSOLIDATOR_MAX_CPU_PRESSURE": str(limit)}
+        busy = await agents_beside_slowed_daemon(o, redis, pattern, sessions, env | slowed)
+        report.agents_yielding[limit] = busy
+        say(
+            f"   with the daemon yielding above {limit:g}% CPU pressure: append p99 "
+            f"{busy.append.p99_ms:.2f} ms, {busy.daemon_sessions_per_s or 0:.1f} sessions/s"
+        )
     await delete_keys(redis, f"{prefix}*")
+
+
+async def agents_beside_slowed_daemon(
+    o: Options, redis: Redis, pattern: str, sessions: dict[str, list[bytes]], env: dict[str, str]
+) -> AgentRun:
+    """The agents measured while a paced flush works: at its pace it would take minutes, so
+    Ctrl-C ends it after the window (in-flight sessions are abandoned safely, their leases
+    released), as an operator would."""
+    await truncate_archive()
+    await load_sessions(redis, pattern, sessions)
+    daemon = Daemon(["flush", "--all"], env)
+    await wait_for_archiving(daemon)
+    busy = await run_agents(o, redis, pattern)
+    busy.daemon_busy = daemon.running()
+    daemon.proc.send_signal(signal.SIGINT)
+    await daemon.wait()
+    return busy
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -1237,6 +1285,7 @@ class Report:
     agents_busy: dict[int, AgentRun] = field(default_factory=dict)  # by the daemon's niceness
     agents_postgres: AgentRun | None = None  # PostgreSQL busy with bare COPYs, no daemon
     agents_paced: dict[float, AgentRun] = field(default_factory=dict)  # by sessions/s ceiling
+    agents_yielding: dict[float, AgentRun] = field(default_factory=dict)  # by pressure limit
     postgres_load: CopyLoad | None = None
 
 
@@ -1261,6 +1310,10 @@ def _rates(values: Iterable[float]) -> str:
 
 def _share(part: float | None) -> str:
     return "n/a" if part is None else f"{100 * part:.1f}%"
+
+
+def _per_s(rate: float | None) -> str:
+    return "" if not rate else f"{rate:,.1f}"
 
 
 def _mark(ok: bool) -> str:
@@ -1352,6 +1405,18 @@ def render(r: Report, command: str) -> str:
                 (
                     f"4 … with the daemon paced at {pace:g} sessions/s "
                     "(`CONSOLIDATOR_MAX_SESSIONS_PER_S`)",
+                    f"{b.append.p99_ms - a.append.p99_ms:+.2f} ms / "
+                    f"{b.read.p99_ms - a.read.p99_ms:+.2f} ms",
+                    "",
+                    "",
+                )
+            )
+        for limit, b in r.agents_yielding.items():
+            rows.append(
+                (
+                    f"4 … with the daemon yielding above {limit:g}% CPU pressure "
+                    f"(`CONSOLIDATOR_MAX_CPU_PRESSURE`): {b.daemon_sessions_per_s or 0:.1f} "
+                    "sessions/s",
                     f"{b.append.p99_ms - a.append.p99_ms:+.2f} ms / "
                     f"{b.read.p99_ms - a.read.p99_ms:+.2f} ms",
                     "",
@@ -1502,6 +1567,10 @@ def _details(r: Report) -> list[str]:
             )
             for pace, b in r.agents_paced.items()
         ]
+        runs += [
+            (f"daemon yielding above {limit:g}% CPU pressure", b)
+            for limit, b in r.agents_yielding.items()
+        ]
         out += [
             f"**4. Agents' latency.** A separate process, {o.agent_sessions} sessions, "
             f"{o.agent_rate:.0f} appends/s (RPUSH then EXPIRE) and {o.agent_rate:.0f} reads/s "
@@ -1517,16 +1586,22 @@ def _details(r: Report) -> list[str]:
             "no daemon at all: PostgreSQL is kept busy by bare COPYs of the workload's rows into "
             "a scratch copy of the turns table, on one connection, which is the database work "
             "that archiving at full speed asks of it. The paced rows run the same flush with "
-            "CONSOLIDATOR_MAX_SESSIONS_PER_S set, and end it with Ctrl-C after the window.",
+            "CONSOLIDATOR_MAX_SESSIONS_PER_S set, and end it with Ctrl-C after the window; the "
+            "yielding rows the same with CONSOLIDATOR_MAX_CPU_PRESSURE, so the daemon sets its own "
+            "pace from the machine's CPU pressure. CPU pressure is the kernel's PSI figure: the "
+            "share of the window in which any task on the machine waited for a CPU. Daemon "
+            "sessions/s: sessions archived over the window.",
             "",
             "| | append p50 | append p99 | read p50 | read p99 | ops/s | Redis µs/call "
-            "RPUSH · EXPIRE · LRANGE | CPU wait: agents · Redis |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "RPUSH · EXPIRE · LRANGE | CPU wait: agents · Redis | CPU pressure | daemon "
+            "sessions/s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *(
                 f"| {name} | {run.append.p50_ms:.2f} ms | {run.append.p99_ms:.2f} ms | "
                 f"{run.read.p50_ms:.2f} ms | {run.read.p99_ms:.2f} ms | {run.rate:,.0f} | "
                 + " · ".join(f"{run.redis_us.get(c, 0):.1f}" for c in AGENT_COMMANDS)
-                + f" | {_share(run.agents_cpu_wait)} · {_share(run.redis_cpu_wait)} |"
+                + f" | {_share(run.agents_cpu_wait)} · {_share(run.redis_cpu_wait)} | "
+                f"{_share(run.cpu_pressure)} | {_per_s(run.daemon_sessions_per_s)} |"
                 for name, run in runs
             ),
             "",
