@@ -84,6 +84,7 @@ class CpuPressure:
     time, since the last reading, in which at least one runnable task waited for a CPU."""
 
     path: Path
+    failed: bool = False  # the figures could not be read: not tried again
     _last: tuple[float, int] | None = None  # (monotonic seconds, stalled microseconds)
 
     def stalled_us(self) -> int:
@@ -131,27 +132,26 @@ async def follow_cpu_pressure(
     pace: Pace, source: CpuPressure, limit: float, metrics: Metrics
 ) -> None:
     """Adjust `pace.adaptive` to the CPU pressure until cancelled. If the machine keeps no
-    pressure figures it says so once and leaves the pace to its fixed ceiling."""
+    pressure figures it says so, once in the process's life, and leaves the pace to its fixed
+    ceiling from then on."""
+    if source.failed:
+        return
     source.restart()
+    started, at = pace.started, time.monotonic()
     try:
         source.share()
-    except PressureUnavailable as exc:
-        log.error("cpu_pressure_unavailable", error=str(exc), pacing="fixed ceiling only")
-        return
-    started, at = pace.started, time.monotonic()
-    while True:
-        await asyncio.sleep(INTERVAL_S)
-        try:
+        while True:
+            await asyncio.sleep(INTERVAL_S)
             pressure = source.share()
-        except PressureUnavailable as exc:
-            log.error("cpu_pressure_unavailable", error=str(exc), pacing="fixed ceiling only")
-            pace.adaptive = None
-            return
-        now = time.monotonic()
-        started_per_s = (pace.started - started) / max(now - at, 1e-3)
-        started, at = pace.started, now
-        if pressure is None:
-            continue
-        metrics.cpu_pressure.set(pressure)
-        pace.adaptive = next_rate(pace.adaptive, pressure, limit, started_per_s)
+            now = time.monotonic()
+            started_per_s = (pace.started - started) / max(now - at, 1e-3)
+            started, at = pace.started, now
+            if pressure is not None:
+                metrics.cpu_pressure.set(pressure)
+                pace.adaptive = next_rate(pace.adaptive, pressure, limit, started_per_s)
+                metrics.pace.set(math.inf if pace.rate is None else pace.rate)
+    except PressureUnavailable as exc:
+        source.failed = True
+        log.error("cpu_pressure_unavailable", error=str(exc), pacing="fixed ceiling only")
+        pace.adaptive = None
         metrics.pace.set(math.inf if pace.rate is None else pace.rate)
