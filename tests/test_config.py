@@ -90,3 +90,17 @@ def test_a_key_pattern_that_matches_every_key_is_refused(pattern: str) -> None:
     # With it, other applications' lists would be archived and cut down as conversations.
     with pytest.raises(PatternError, match="no fixed part"):
         KeyPattern.compile(pattern)
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    # The README's tables are where operators look: a setting missing there does not exist
+    # for them. A row may name two that share a prefix (`CONSOLIDATOR_LOG_FORMAT` / `_LOG_LEVEL`).
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = []
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        variable = alias if isinstance(alias, str) else f"CONSOLIDATOR_{name.upper()}"
+        tails = [variable[i:] for i, c in enumerate(variable) if c == "_"]
+        if f"`{variable}`" not in readme and not any(f"/ `{t}`" in readme for t in tails):
+            missing.append(variable)
+    assert missing == []
