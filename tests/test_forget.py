@@ -67,7 +67,8 @@ async def test_forget_session_erases_both_tiers_and_audits_without_content(
         ref = await consolidated(rt, redis, sid, "alice")
         kept = await consolidated(rt, redis, f"{prefix}kept", "alice")
         async with rt.engine.begin() as conn:
-            await writer.quarantine_session(conn, ref, "undecodable", "Alice said: my card 4111")
+            detail = "Alice said: my card 4111 1111 1111 1111"
+            await writer.quarantine_session(conn, ref, "undecodable", detail)
             await conn.exec_driver_sql(
                 f"INSERT INTO gaps (session_id, before_seq, reason) VALUES ('{sid}', 3, 'trimmed')"
             )
@@ -98,7 +99,9 @@ async def test_forget_session_erases_both_tiers_and_audits_without_content(
         2,
     )
     stored = " ".join(str(v) for v in audit.values())
-    assert sid not in stored and "alice" not in stored and "4111" not in stored
+    # The audit keeps digests, hex, and "4111" alone turns up in one now and then: the card
+    # number with its spaces cannot.
+    assert sid not in stored and "alice" not in stored and "4111 1111" not in stored
 
     again = await cli(settings, "forget", sid)  # idempotent: nothing left, still audited
     assert again.returncode == 0, again.stderr
