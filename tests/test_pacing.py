@@ -101,6 +101,20 @@ def test_below_the_limit_the_rate_grows_until_it_is_lifted() -> None:
     assert 20 < calm < 40  # from the floor back to no limit in 10 to 20 s of half-second reads
 
 
+async def test_a_start_waiting_for_a_slow_pace_goes_soon_after_the_pace_is_raised() -> None:
+    pace = Pace(ceiling=None)
+    pace.adaptive = 0.1  # one start every 10 s
+    await pace.wait()  # the first goes at once
+    waiting = asyncio.create_task(pace.wait())
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    raised = time.monotonic()
+    pace.adaptive = None  # the pressure went away
+    await asyncio.wait_for(waiting, 2)
+    assert time.monotonic() - raised < 0.5  # not the 10 s the old pace asked for
+    assert pace.started == 2
+
+
 def test_the_pressure_is_the_share_of_wall_time_stalled(tmp_path: Path) -> None:
     path = tmp_path / "cpu"
     write_psi(path, 5_000_000)
