@@ -6,8 +6,9 @@ pressure figures (PSI) say for how much of the time some runnable task had to wa
 that waiting is what raises the agents' latency when the daemon shares their cores, and neither
 niceness nor the idle scheduling class prevents it for a daemon whose work is socket I/O (see
 the README's benchmark). The rate is halved while the pressure is above the limit and grows by
-a quarter each calm interval (the sawtooth of TCP's congestion control), so a daemon alone on
-its cores runs flat out and one beside busy agents takes what they leave.
+a quarter each calm interval (the sawtooth of TCP's congestion control), so a daemon with
+cores to spare runs flat out and one beside busy agents takes what they leave. Its own work
+counts as well, the database's too: a daemon that alone keeps every core busy slows itself.
 """
 
 from __future__ import annotations
