@@ -57,6 +57,7 @@ from worker.archive.groupcommit import TURN_COLUMNS
 from worker.archive.schema import upgrade
 from worker.config import Settings
 from worker.layouts.listlayout import ListLayout
+from worker.pacing import CpuPressure, PressureUnavailable
 from worker.policy import choose_cut
 from worker.runtime import open_runtime
 from worker.summarizers.extractive import summarize_text
@@ -438,13 +439,11 @@ def cpu_wait_s(pid: int | str = "self") -> float | None:
 
 
 def cpu_stalled_s() -> float | None:
-    """Seconds in which some task on this machine waited for a CPU (the kernel's PSI), or
-    None where the kernel keeps no such figures."""
+    """Seconds in which some task on this machine waited for a CPU (the kernel's PSI, read as
+    the daemon reads it), or None where the kernel keeps no such figures."""
     try:
-        with open("/proc/pressure/cpu") as f:
-            some = f.readline().split()
-        return int(dict(field.split("=") for field in some[1:])["total"]) / 1e6
-    except (OSError, IndexError, KeyError, ValueError):
+        return CpuPressure(Path("/proc/pressure/cpu")).stalled_us() / 1e6
+    except PressureUnavailable:
         return None
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -24,7 +23,7 @@ from worker.domain import Candidate, Outcome, SessionRef, Trigger
 from worker.hot.keys import KeyPattern
 from worker.hot.leases import release_leftovers
 from worker.hot.scanner import Probe, scan_and_probe
-from worker.pacing import CpuPressure, Pace, follow_cpu_pressure
+from worker.pacing import CpuPressure, Pace, follow_cpu_pressure, show_pace
 from worker.pipeline import Options, Pipeline
 from worker.policy import classify
 
@@ -109,8 +108,7 @@ class Daemon:
         self._outage: BaseException | None = None  # why it ended early
         self._pace = Pace(self.settings.max_sessions_per_s)
         self._pressure = CpuPressure(self.settings.cpu_pressure_file)
-        ceiling = self.settings.max_sessions_per_s
-        self.metrics.pace.set(math.inf if ceiling is None else ceiling)
+        show_pace(self._pace, self.metrics)
         self.cut_short = False  # the last pass ended at its time limit (see run_once)
 
     async def find_work(self) -> list[tuple[Candidate, Probe]]:

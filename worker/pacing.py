@@ -150,9 +150,14 @@ async def follow_cpu_pressure(
             if pressure is not None:
                 metrics.cpu_pressure.set(pressure)
                 pace.adaptive = next_rate(pace.adaptive, pressure, limit, started_per_s)
-                metrics.pace.set(math.inf if pace.rate is None else pace.rate)
+                show_pace(pace, metrics)
     except PressureUnavailable as exc:
         source.failed = True
         log.error("cpu_pressure_unavailable", error=str(exc), pacing="fixed ceiling only")
         pace.adaptive = None
-        metrics.pace.set(math.inf if pace.rate is None else pace.rate)
+        show_pace(pace, metrics)
+
+
+def show_pace(pace: Pace, metrics: Metrics) -> None:
+    """The pace as `consolidator_pace_sessions_per_second` shows it: +Inf without a limit."""
+    metrics.pace.set(math.inf if pace.rate is None else pace.rate)
