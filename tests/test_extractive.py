@@ -73,6 +73,30 @@ def test_split_sentences_keeps_decimals_abbreviations_and_bullets() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("text", "sentences"),
+    [
+        # Abbreviations in any case, and initials, end no sentence...
+        ("See E.G. the notes. Then go.", ["See E.G. the notes.", "Then go."]),
+        ("Ask J. R. Tolkien. He knows.", ["Ask J. R. Tolkien.", "He knows."]),
+        ("We met approx. twice. Fine.", ["We met approx. twice.", "Fine."]),
+        # ...but a word that only ends like one does, and a lower-case "initial", do.
+        ("It runs on Node.js. Then stops.", ["It runs on Node.js.", "Then stops."]),
+        ("Plan b. Then c.", ["Plan b.", "Then c."]),
+        ("Buy milk etc.. Then rest.", ["Buy milk etc..", "Then rest."]),
+        # Closing quotes and brackets stay with their sentence.
+        (
+            'He said "stop." Then left (quietly.) Done',
+            ['He said "stop."', "Then left (quietly.)", "Done"],
+        ),
+        # After a CJK full stop a new sentence starts at once, abbreviation or not.
+        ("好。Dr. Li came. Bye", ["好。", "Dr. Li came.", "Bye"]),
+    ],
+)
+def test_sentence_boundaries(text: str, sentences: list[str]) -> None:
+    assert split_sentences(text) == sentences
+
+
 _NOUNS = ("apples", "rivers", "clouds", "trains", "music", "lamps", "paint", "tea", "maps", "ink")
 _PEOPLE = ("Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kai")
 

@@ -48,7 +48,6 @@ _ABBREVIATIONS = _wordset(
     "e.g. i.e. etc. vs. cf. dr. mr. mrs. ms. prof. st. jr. sr. inc. ltd. co. no. approx. "
     "fig. a.m. p.m. u.s. u.k."
 )
-_LONGEST_ABBREVIATION = max(map(len, _ABBREVIATIONS))
 _FILLER = _wordset(
     "ok okay k kk thanks thank thx ty you so much very a lot for the that this is it sure "
     "hello hi hey great cool got yes yeah yep no nope alright right bye goodbye welcome np "
@@ -56,7 +55,31 @@ _FILLER = _wordset(
     "content all anything else s re ll m ve d"
 )
 
-_BOUNDARY = re.compile(r"([.!?…]+[\"'”’)\]]*)\s+|([。！？]+)\s*")
+
+def _not_after_abbreviation() -> str:
+    """Lookbehinds for a sentence boundary: the word that ends there is not "e.g." or "Dr."
+    (in any case) nor an initial ("J."), so no sentence ends there. A word starts after a
+    space or a CJK full stop (which always ends a sentence), or at the start of the text."""
+    widths: dict[int, list[str]] = {2: [r"[A-Z]\."]}  # an initial: a capital only
+    for word in sorted(_ABBREVIATIONS):
+        letters = (f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+        widths.setdefault(len(word), []).append("".join(letters))
+    # A lookbehind must have one width: one for each.
+    return "".join(
+        rf"(?<!(?<![^\s。！？])(?:{'|'.join(words)}))" for _, words in sorted(widths.items())
+    )
+
+
+# A sentence ends at . ! ? … (with any closing quotes or brackets) before a space, unless an
+# abbreviation ends there; or at a CJK full stop, space or not. Group 1 is the sentence's end.
+# It opens with one plain character set: the regex engine then skips to those characters in C
+# instead of trying every position, which made finding them three times faster than an
+# alternation of two groups did.
+_BOUNDARY = re.compile(
+    r"([.!?…。！？](?:(?<=[.!?…])[.!?…]*[\"'”’)\]]*(?=\s)"
+    + _not_after_abbreviation()
+    + r"|(?<=[。！？])[。！？]*))\s*"
+)
 # Lines as str.splitlines() cuts them; then leading space and a bullet ("- ", "* ", "2) ").
 _LINE = re.compile(r"[^\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]+")
 _LEAD = re.compile(r"\s*(?:(?:[-*•·‣▪–]|\d{1,3}[.)])\s+)?")
@@ -64,7 +87,6 @@ _ROLE_PREFIX = re.compile(r"^([^\W\d][\w-]{0,31}):\s+")
 _TOOL_ROLES = frozenset({"tool", "function"})
 _JSON_PUNCT = re.compile(r'[{}\[\]"]')
 _PRONOUN = ("I'", "I’")  # "I'm" is capitalised but names nobody
-_INITIAL = re.compile(r"^[A-Z]\.$")
 _WORD = re.compile(r"[^\W\d_][\w'’-]*")
 # Feature patterns. Each opens with a plain character or character set, and checks the word
 # boundary just after it (`(?<!\w.)`: the character before the match is not part of a word):
@@ -123,23 +145,11 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
             start = lead.end()
         for m in _BOUNDARY.finditer(text, start, end):
             # The boundary's own spaces are not part of the sentence; the next one starts after.
-            stop = m.end(1) if m.start(1) >= 0 else m.end(2)
-            if text[stop - 1] == "." and _ends_in_abbreviation(text, start, stop):
-                continue
-            spans.append((start, stop))
+            spans.append((start, m.end(1)))
             start = m.end()
         if rest := text[start:end].rstrip():
             spans.append((start, start + len(rest)))
     return spans
-
-
-def _ends_in_abbreviation(text: str, start: int, stop: int) -> bool:
-    """Whether text[start:stop] ends in "e.g.", "Dr." or an initial: no sentence ends there."""
-    window = text[max(start, stop - _LONGEST_ABBREVIATION - 1) : stop]
-    last = window.rsplit(None, 1)[-1]
-    if len(last) == len(window) and stop - len(window) > start:
-        return False  # the word began before the window: longer than any abbreviation
-    return last.lower() in _ABBREVIATIONS or _INITIAL.match(last) is not None
 
 
 def split_sentences(text: str) -> list[str]:
