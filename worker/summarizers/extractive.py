@@ -119,6 +119,7 @@ _TASK = re.compile(
 )
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+\.[\w.-]+")
 _URL = re.compile(r"https?://\S+|www\.\S+")
+_RARE = ((_EMAIL, ("@",)), (_URL, ("://", "www.")))
 _ANY_DIGIT = re.compile(r"\d")
 _DIGITS = frozenset("0123456789")
 _CAPITALS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -172,9 +173,9 @@ def _credit(found: list[str], known: set[str], weight: float, cap: int = 2) -> f
     """Full credit for facts not seen before, little for repeats: the first mention carries it."""
     if not found:
         return 0.0
-    fresh = [f for f in dict.fromkeys(found) if f not in known]
+    fresh = len(set(found).difference(known))  # distinct, and not seen before
     known.update(found)
-    return weight * min(len(fresh), cap) + 0.2 * weight * min(len(found) - len(fresh), cap)
+    return weight * min(fresh, cap) + 0.2 * weight * min(len(found) - fresh, cap)
 
 
 _NFKC = partial(unicodedata.normalize, "NFKC")
@@ -227,13 +228,13 @@ class _Features:
             ),
             list,
         )
-        # Rare, and costly to look for everywhere: only when their telltale sign is there.
-        rare = [_EMAIL] if "@" in doc else []
-        if "://" in doc or "www." in doc:
-            rare.append(_URL)
-        for pattern in rare:
-            for tokens, found in zip(ids, map(pattern.findall, sentences), strict=True):
-                tokens.extend(found)
+        # Rare, and costly to look for everywhere (the e-mail pattern took a fifth of a fold's
+        # time): only in the sentences that hold their telltale sign.
+        for pattern, signs in _RARE:
+            if any(sign in doc for sign in signs):
+                for tokens, sentence in zip(ids, sentences, strict=True):
+                    if any(sign in sentence for sign in signs):
+                        tokens.extend(pattern.findall(sentence))
         numeric_dates = _spread(has_digit, map(bool, map(_DATE_NUMERIC.search, numeric)), bool)
         dates = [
             bool(numeric_date or named or relative)
