@@ -428,6 +428,26 @@ def _delta(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else after - before
 
 
+def host_times() -> tuple[int, int] | None:
+    """(steal, all) CPU time of the whole machine so far, in ticks (/proc/stat): steal is the
+    time a virtual machine's host kept the CPUs for other work. None where it is not kept."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (ticks[7], sum(ticks)) if len(ticks) == 8 else None
+
+
+def steal_share(before: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time its host took since `before` (host_times())."""
+    after = host_times()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def cpu_wait_s(pid: int | str = "self") -> float | None:
     """Seconds the process has spent runnable but waiting for a CPU (the kernel's schedstat),
     or None where the kernel does not keep it."""
@@ -621,6 +641,9 @@ class Throughput:
     summarizer_ms: float = 0.0  # CPU of the offline summarizer for one session's first fold
     archive_only_window_s: float = 0.0
     archive_only_wall_s: float = 0.0
+    # The host's steal over each run of each measurement (copy, naive, naive_archive, flush,
+    # default, archive_only): what a run lost to other virtual machines, whatever the code.
+    steal: dict[str, list[float | None]] = field(default_factory=dict)
 
     @property
     def naive_turns_s(self) -> float:
@@ -720,8 +743,9 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
     say(f"   offline summarizer: {t.summarizer_ms:.1f} ms of CPU a session")
     session_rows, turn_rows = copy_rows(sessions, pattern)
     for run in range(o.runs):
-        pg_cpu = postgres_cpu()
+        pg_cpu, host = postgres_cpu(), host_times()
         seconds = await copy_ceiling(session_rows, turn_rows)
+        t.steal.setdefault("copy", []).append(steal_share(host))
         if not t.copy_runs or len(turn_rows) / seconds > max(t.copy_runs):
             t.copy_postgres_cpu_s = _delta(pg_cpu, postgres_cpu())
         t.copy_runs.append(len(turn_rows) / seconds)
@@ -737,8 +761,12 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
             await load_sessions(redis, pattern, {i: sessions[i] for i in naive_ids})
             what = "" if summarize else ", archive only"
             say(f"   naive pattern{what} on {len(naive_ids)} sessions (a commit per turn)...")
+            host = host_times()
             result = await naive_baseline.naive_flush(
                 redis, BENCH_URL, naive_keys, summarize=summarize
+            )
+            t.steal.setdefault("naive" if summarize else "naive_archive", []).append(
+                steal_share(host)
             )
             say(f"   naive{what}: {result.turns / result.seconds:,.0f} turns/s")
             t.naive_sessions = result.sessions
@@ -760,8 +788,9 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
             f"   consolidator flush --all, concurrency {o.concurrency}, "
             f"{o.summary_processes} summary processes, run {run + 1}..."
         )
-        cpu, pg_cpu = await redis_cpu(redis), postgres_cpu()
+        cpu, pg_cpu, host = await redis_cpu(redis), postgres_cpu(), host_times()
         flush = await run_cli(["flush", "--all"], env)
+        t.steal.setdefault("flush", []).append(steal_share(host))
         redis_cpu_s = await redis_cpu(redis) - cpu
         postgres_cpu_s = _delta(pg_cpu, postgres_cpu())
         window = flush.work_window_s()
@@ -785,7 +814,9 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
         await truncate_archive()
         await load_sessions(redis, pattern, sessions)
         say(f"   consolidator flush --all with the default settings, run {run + 1}...")
+        host = host_times()
         default = await run_cli(["flush", "--all"], daemon_env(pattern))
+        t.steal.setdefault("default", []).append(steal_share(host))
         say(f"   default settings: {t.turns / default.work_window_s():,.0f} turns/s")
         t.default_runs.append(default.work_window_s())
 
@@ -793,7 +824,9 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
         await truncate_archive()
         await load_sessions(redis, pattern, sessions)
         say(f"   consolidator flush --all --no-summarize, run {run + 1}...")
+        host = host_times()
         archive_only = await run_cli(["flush", "--all", "--no-summarize"], env)
+        t.steal.setdefault("archive_only", []).append(steal_share(host))
         window = archive_only.work_window_s()
         say(f"   archive only: {t.turns / window:,.0f} turns/s")
         if not t.archive_only_runs or window < min(t.archive_only_runs):
@@ -1303,6 +1336,10 @@ def _pg_share(t: Throughput) -> str:
     return f", and PostgreSQL {t.flush_postgres_cpu_s:.1f} s over the same run{copy}"
 
 
+def _steals(t: Throughput, measure: str) -> str:
+    return ", ".join(_share(v) for v in t.steal.get(measure, []))
+
+
 def _rates(values: Iterable[float]) -> str:
     return ", ".join(f"{v:,.0f}" for v in values)
 
@@ -1476,27 +1513,31 @@ def _details(r: Report) -> list[str]:
             f"{t.archive_only_wall_s:.1f} s.",
             "",
             f"Each measurement is made {o.runs} time{'s' if o.runs > 1 else ''} and its best "
-            "run counts, for all of them alike; the last column has every run's rate.",
+            "run counts, for all of them alike; the last columns have every run's rate, and "
+            "the share of the machine's CPU time that its host kept for other work during that "
+            "run (steal, from /proc/stat), which slows a run whatever the code.",
             "",
-            "| run | turns/s | sessions/s | seconds | turns/s of each run |",
-            "| --- | --- | --- | --- | --- |",
+            "| run | turns/s | sessions/s | seconds | turns/s of each run | steal in each run |",
+            "| --- | --- | --- | --- | --- | --- |",
             f"| raw COPY (asyncpg, binary) | {t.copy_rows_s:,.0f} | "
-            f"| {t.turns / t.copy_rows_s:.2f} | {_rates(t.copy_runs)} |",
+            f"| {t.turns / t.copy_rows_s:.2f} | {_rates(t.copy_runs)} | {_steals(t, 'copy')} |",
             f"| `consolidator flush --all` | {t.flush_turns_s:,.0f} | "
             f"{t.sessions / t.flush_window_s:,.1f} | {t.flush_window_s:.2f} | "
-            f"{_rates(t.turns / w for w in t.flush_runs)} |",
+            f"{_rates(t.turns / w for w in t.flush_runs)} | {_steals(t, 'flush')} |",
             f"| `consolidator flush --all`, default settings | {t.default_turns_s:,.0f} | "
             f"{t.sessions * t.default_turns_s / t.turns:,.1f} | {min(t.default_runs):.2f} | "
-            f"{_rates(t.turns / w for w in t.default_runs)} |",
+            f"{_rates(t.turns / w for w in t.default_runs)} | {_steals(t, 'default')} |",
             f"| `consolidator flush --all --no-summarize` | {t.archive_only_turns_s:,.0f} | "
             f"{t.sessions / t.archive_only_window_s:,.1f} | {t.archive_only_window_s:.2f} | "
-            f"{_rates(t.turns / w for w in t.archive_only_runs)} |",
+            f"{_rates(t.turns / w for w in t.archive_only_runs)} | "
+            f"{_steals(t, 'archive_only')} |",
             f"| naive pattern ({t.naive_sessions} sessions) | {t.naive_turns_s:,.0f} | "
             f"{t.naive_sessions / t.naive_s:,.2f} | {t.naive_s:.2f} | "
-            f"{_rates(t.naive_turns / s for s in t.naive_runs)} |",
+            f"{_rates(t.naive_turns / s for s in t.naive_runs)} | {_steals(t, 'naive')} |",
             f"| naive pattern, archive only | {t.naive_archive_turns_s:,.0f} | "
             f"{t.naive_sessions / t.naive_archive_s:,.2f} | {t.naive_archive_s:.2f} | "
-            f"{_rates(t.naive_archive_turns / s for s in t.naive_archive_runs)} |",
+            f"{_rates(t.naive_archive_turns / s for s in t.naive_archive_runs)} | "
+            f"{_steals(t, 'naive_archive')} |",
             "",
             f"Where the time goes: the flush process and its summary processes used "
             f"{t.flush_cpu_s:.1f} s of CPU "
