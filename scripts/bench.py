@@ -1486,7 +1486,7 @@ def render(r: Report, command: str) -> str:
         "",
         f"`{command}` on {r.started:%Y-%m-%d %H:%M} UTC: {os.cpu_count()} cores, "
         f"load average {r.load_before[0]:.1f} before and {r.load_after[0]:.1f} after "
-        "(a shared machine: other work was running, which slows every number here alike).",
+        "(the one-minute figures; the benchmark's own work raises the second).",
         "",
         "| measure | result | target | |",
         "| --- | --- | --- | --- |",
