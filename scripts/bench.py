@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -440,12 +440,17 @@ def host_times() -> tuple[int, int] | None:
     return (ticks[7], sum(ticks)) if len(ticks) == 8 else None
 
 
-def steal_share(before: tuple[int, int] | None) -> float | None:
-    """The share of the machine's CPU time its host took since `before` (host_times())."""
+@contextlib.contextmanager
+def steal_over(t: Throughput, measure: str) -> Iterator[None]:
+    """Record in `t.steal` the share of the machine's CPU time its host took during the block,
+    as one run of `measure`."""
+    before = host_times()
+    yield
     after = host_times()
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    share = None
+    if before is not None and after is not None and after[1] > before[1]:
+        share = (after[0] - before[0]) / (after[1] - before[1])
+    t.steal.setdefault(measure, []).append(share)
 
 
 def cpu_wait_s(pid: int | str = "self") -> float | None:
@@ -743,9 +748,9 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
     say(f"   offline summarizer: {t.summarizer_ms:.1f} ms of CPU a session")
     session_rows, turn_rows = copy_rows(sessions, pattern)
     for run in range(o.runs):
-        pg_cpu, host = postgres_cpu(), host_times()
-        seconds = await copy_ceiling(session_rows, turn_rows)
-        t.steal.setdefault("copy", []).append(steal_share(host))
+        pg_cpu = postgres_cpu()
+        with steal_over(t, "copy"):
+            seconds = await copy_ceiling(session_rows, turn_rows)
         if not t.copy_runs or len(turn_rows) / seconds > max(t.copy_runs):
             t.copy_postgres_cpu_s = _delta(pg_cpu, postgres_cpu())
         t.copy_runs.append(len(turn_rows) / seconds)
@@ -761,13 +766,10 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
             await load_sessions(redis, pattern, {i: sessions[i] for i in naive_ids})
             what = "" if summarize else ", archive only"
             say(f"   naive pattern{what} on {len(naive_ids)} sessions (a commit per turn)...")
-            host = host_times()
-            result = await naive_baseline.naive_flush(
-                redis, BENCH_URL, naive_keys, summarize=summarize
-            )
-            t.steal.setdefault("naive" if summarize else "naive_archive", []).append(
-                steal_share(host)
-            )
+            with steal_over(t, "naive" if summarize else "naive_archive"):
+                result = await naive_baseline.naive_flush(
+                    redis, BENCH_URL, naive_keys, summarize=summarize
+                )
             say(f"   naive{what}: {result.turns / result.seconds:,.0f} turns/s")
             t.naive_sessions = result.sessions
             if summarize:
@@ -788,9 +790,9 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
             f"   consolidator flush --all, concurrency {o.concurrency}, "
             f"{o.summary_processes} summary processes, run {run + 1}..."
         )
-        cpu, pg_cpu, host = await redis_cpu(redis), postgres_cpu(), host_times()
-        flush = await run_cli(["flush", "--all"], env)
-        t.steal.setdefault("flush", []).append(steal_share(host))
+        cpu, pg_cpu = await redis_cpu(redis), postgres_cpu()
+        with steal_over(t, "flush"):
+            flush = await run_cli(["flush", "--all"], env)
         redis_cpu_s = await redis_cpu(redis) - cpu
         postgres_cpu_s = _delta(pg_cpu, postgres_cpu())
         window = flush.work_window_s()
@@ -814,9 +816,8 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
         await truncate_archive()
         await load_sessions(redis, pattern, sessions)
         say(f"   consolidator flush --all with the default settings, run {run + 1}...")
-        host = host_times()
-        default = await run_cli(["flush", "--all"], daemon_env(pattern))
-        t.steal.setdefault("default", []).append(steal_share(host))
+        with steal_over(t, "default"):
+            default = await run_cli(["flush", "--all"], daemon_env(pattern))
         say(f"   default settings: {t.turns / default.work_window_s():,.0f} turns/s")
         t.default_runs.append(default.work_window_s())
 
@@ -824,9 +825,8 @@ async def bench_throughput(o: Options, redis: Redis, prefix: str, report: Report
         await truncate_archive()
         await load_sessions(redis, pattern, sessions)
         say(f"   consolidator flush --all --no-summarize, run {run + 1}...")
-        host = host_times()
-        archive_only = await run_cli(["flush", "--all", "--no-summarize"], env)
-        t.steal.setdefault("archive_only", []).append(steal_share(host))
+        with steal_over(t, "archive_only"):
+            archive_only = await run_cli(["flush", "--all", "--no-summarize"], env)
         window = archive_only.work_window_s()
         say(f"   archive only: {t.turns / window:,.0f} turns/s")
         if not t.archive_only_runs or window < min(t.archive_only_runs):
